@@ -1,0 +1,146 @@
+"""The configuration schema: dataclasses that validate every YAML in configs/ and every key=value override."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "mnist_local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 64          # 32, 64 or 128; the number of (de)convolutions is log2(resolution / 4)
+    channels: int = 3             # image channels: 3 for RGB, 1 for greyscale sets such as MNIST
+    nz: int = 100                 # size of the latent vector z
+    ngf: int = 64                 # G's width at its last hidden layer; doubles towards the 4x4 input
+    ndf: int = 64                 # D's width at its first layer; doubles towards the 4x4 output
+    kernel: int = 4               # 4: the common PyTorch form; 5: the paper's 5x5 convolutions
+    z_prior: str = "normal"       # "normal" N(0, 1) or "uniform" U(-1, 1) as in the paper
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/mnist5k"  # a shard directory or manifest.json, a brace pattern, or URLs joined by "::"
+    builtin: Optional[str] = None   # "mnist5k": write these shards first if `shards` holds none yet
+    size: Optional[int] = None      # images in the data set; read from manifest.json when that exists
+    resample: bool = True           # draw shards with replacement (endless); False reads each once per pass
+    shuffle_buffer: int = 2000      # samples held in each loader worker's shuffle buffer
+    num_workers: int = 2            # DataLoader worker processes per rank
+    prefetch: int = 4               # batches each worker keeps ready
+
+
+@dataclass
+class TrainConfig:
+    images: int = 60_000          # total images seen by D (all ranks together) before the run ends
+    batch_size: int = 128         # per-rank batch; the global batch is batch_size x world size
+    lr_d: float = 2e-4            # Adam learning rate for D (the paper: 0.0002)
+    lr_g: float = 2e-4            # Adam learning rate for G
+    beta1: float = 0.5            # the paper: 0.5 (0.9 oscillated)
+    beta2: float = 0.999
+    seed: int = 0
+    device: str = "auto"          # auto, cpu, cuda
+
+
+@dataclass
+class LogConfig:
+    every_images: int = 5_000         # scalars to TensorBoard and the terminal
+    sample_every_images: int = 20_000  # fixed-noise sample grid
+    checkpoint_every_images: int = 20_000
+    keep_checkpoints: int = 3         # newest K kept, older ones deleted
+    grid_size: int = 64               # images in each sample grid
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 0      # Ray Train workers; 0 runs in this process without Ray
+    use_gpu: bool = False
+    sync_bn: bool = False     # synchronise batchnorm statistics across ranks
+    cpus_per_worker: int = 1
+    max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
+    storage_path: Optional[str] = None  # Ray RunConfig storage (local path, NFS or bucket); default: run_dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: str = "runs/default"
+
+
+def _checked(cfg) -> Config:
+    m = cfg.model
+    if m.resolution not in (32, 64, 128):
+        raise ConfigError(f"model.resolution: {m.resolution} is not one of 32, 64, 128")
+    if m.kernel not in (4, 5):
+        raise ConfigError(f"model.kernel: {m.kernel} is not 4 or 5")
+    if m.z_prior not in ("normal", "uniform"):
+        raise ConfigError(f"model.z_prior: {m.z_prior!r} is not 'normal' or 'uniform'")
+    if m.channels not in (1, 3):
+        raise ConfigError(f"model.channels: {m.channels} is not 1 or 3")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not auto, cpu or cuda")
+    for key in ("train.images", "train.batch_size", "log.every_images", "log.sample_every_images",
+                "log.checkpoint_every_images", "log.keep_checkpoints", "data.shuffle_buffer"):
+        section, name = key.split(".")
+        if getattr(cfg[section], name) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {getattr(cfg[section], name)}")
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults, then the YAML file, then key=value overrides; raise ConfigError naming any bad key."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    schema = OmegaConf.structured(Config)
+    try:
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        layers = [schema, OmegaConf.load(path)]
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{path}: key {key}: {err.msg if hasattr(err, 'msg') else err}") from None
+    return _checked(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """A config saved beside a run or in a checkpoint, validated against today's schema."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"key {getattr(err, 'full_key', '?')}: {err}") from None
+    return _checked(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def load_or_exit(path, overrides) -> Config:
+    """load() for command-line entry points: a bad config prints one line and exits with status 2."""
+    try:
+        return load(path, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,49 @@
+"""One DCGAN training step, written as the two phases of the paper's algorithm.
+
+D and G may be DistributedDataParallel wrappers. D runs twice (real, then fake) before its one backward, so D's
+DDP wrapper must be built with broadcast_buffers=False (a second forward would otherwise overwrite batchnorm
+buffers in place that autograd still needs, PyTorch issue 22095). In the G phase, D is called through its inner
+module with its parameters frozen: no D weight gradients are computed and no DDP reduction is started for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STAT_NAMES = ("loss/D", "loss/G", "D(x)", "D(G(z))/D_phase", "D(G(z))/G_phase")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+             real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Update D, then G; return the step's statistics (STAT_NAMES order) as a detached tensor on the device."""
+    ones = torch.ones(real.shape[0], device=real.device)
+    zeros = torch.zeros(real.shape[0], device=real.device)
+
+    # (1) Update D: maximise log D(x) + log(1 - D(G(z))), real and fake as separate batchnorm batches.
+    fake = G(z)
+    d_real = D(real)
+    d_fake = D(fake.detach())
+    loss_d = F.binary_cross_entropy_with_logits(d_real, ones) + F.binary_cross_entropy_with_logits(d_fake, zeros)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    # (2) Update G: the non-saturating loss, maximise log D(G(z)).
+    d_inner = unwrap(D)
+    d_inner.requires_grad_(False)
+    d_fake_g = d_inner(fake)
+    loss_g = F.binary_cross_entropy_with_logits(d_fake_g, ones)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    d_inner.requires_grad_(True)
+
+    with torch.no_grad():
+        return torch.stack([loss_d, loss_g, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean(),
+                            torch.sigmoid(d_fake_g).mean()]).detach()
