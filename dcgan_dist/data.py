@@ -258,3 +258,23 @@ def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start
 def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 batch -> float32 on device, scaled to [-1, 1] (the Tanh range)."""
     return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def load_labelled(spec: str, resolution: int, channels: int, limit: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of a shard set with a `cls` field, in shard order: (float images in [-1, 1], int64 labels)."""
+    shards = resolve(spec)
+    images, labels = [], []
+    for url in shards.urls:
+        for sample in tariterators.tarfile_samples([{"url": url}]):
+            if "cls" not in sample:
+                raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no 'cls' label field")
+            ext, raw = _image_field(sample)
+            images.append(decode_image(raw, ext, resolution, channels))
+            labels.append(int(sample["cls"].decode().strip()))
+            if limit is not None and len(images) >= limit:
+                break
+        if limit is not None and len(images) >= limit:
+            break
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x, torch.tensor(labels, dtype=torch.int64)
