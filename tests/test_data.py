@@ -1,0 +1,124 @@
+"""The shard stream on real MNIST shards: shapes, determinism, exact resume, corrupt input, clear errors."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan_dist import config, data, tarshards
+
+
+def _take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def _cfg(mnist_shards, *extra):
+    return config.load(None, [f"data.shards={mnist_shards}", "model.resolution=32", "model.channels=1",
+                              "train.batch_size=32", "data.shuffle_buffer=100", *extra])
+
+
+def test_resolve_directory_manifest_and_pattern(mnist_shards):
+    by_dir = data.resolve(str(mnist_shards))
+    assert len(by_dir.urls) == 10 and by_dir.size == 5000
+    assert data.resolve(str(mnist_shards / "manifest.json")).urls == by_dir.urls
+    pattern = str(mnist_shards / "mnist5k-{000000..000009}.tar")
+    assert data.resolve(pattern).urls == by_dir.urls and data.resolve(pattern).size is None
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("", "empty"),
+    ("/nonexistent/shard-{000..003}.tar", "matches no shard"),
+    ("/nonexistent/manifest.json", "does not exist"),
+])
+def test_resolve_errors_name_the_spec(spec, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        data.resolve(spec)
+
+
+def test_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        data.resolve(str(tmp_path))
+
+
+def test_batches_shape_range_and_pass_length(mnist_shards):
+    cfg = _cfg(mnist_shards, "data.num_workers=0")
+    stream = data.ShardStream(data.resolve(cfg.data.shards), cfg, rank=0, world_size=1)
+    assert stream.steps_per_pass == 157  # ceil(5000 / 32)
+    images, skipped, bad = next(iter(stream))
+    assert images.shape == (32, 1, 32, 32) and images.dtype == torch.uint8
+    assert (skipped, bad) == (0, 0)
+    x = data.to_float(images, torch.device("cpu"))
+    assert x.min() >= -1 and x.max() <= 1 and x.max() == 1 and x.min() == -1  # digits: black and white pixels
+
+
+def test_ranks_take_identical_step_counts(mnist_shards):
+    cfg = _cfg(mnist_shards, "data.num_workers=2")
+    shards = data.resolve(cfg.data.shards)
+    counts = {data.ShardStream(shards, cfg, r, 3).steps_per_pass for r in range(3)}
+    assert len(counts) == 1 and counts.pop() % 2 == 0  # same on every rank, a multiple of the loader workers
+
+
+def test_resume_sees_exactly_the_same_batches(mnist_shards):
+    """Batches from a loader restarted at step k equal steps k.. of an uninterrupted loader (2 workers)."""
+    cfg = _cfg(mnist_shards, "data.num_workers=2")
+    shards = data.resolve(cfg.data.shards)
+    spp = data.steps_per_pass(shards, cfg, 1)
+    full = _take(data.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp + 6)
+    for k in (3, spp - 1, spp + 1):  # mid-pass at an odd offset, just before and just after a pass boundary
+        resumed = _take(data.make_loader(shards, cfg, 0, 1, start_step=k, pin_memory=False), 4)
+        for (a, _, _), (b, _, _) in zip(full[k:k + 4], resumed):
+            assert torch.equal(a, b)
+    assert not torch.equal(full[0][0], full[1][0])
+
+
+def test_same_seed_same_stream_other_seed_other_stream(mnist_shards):
+    shards = data.resolve(str(mnist_shards))
+    a = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
+    b = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
+    c = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0", "train.seed=1"), 0, 1)))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _jpeg(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    good = [_jpeg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(6)]
+    samples = [("truncated", {"jpg": good[0][: len(good[0]) // 3]}), ("garbage", {"png": b"not a png"}),
+               ("empty", {"jpg": b""}), ("nofield", {"txt": b"hello"})]  # first, so the first batch meets them
+    samples += [(f"good{i}", {"jpg": g}) for i, g in enumerate(good)]
+    info = tarshards.write_shard(tmp_path / "mixed-000000.tar", samples)
+    tarshards.write_manifest(tmp_path, [info], source="test", options={})
+    cfg = config.load(None, [f"data.shards={tmp_path}", "model.resolution=32", "model.channels=3",
+                             "train.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=1"])
+    images, skipped, bad = next(iter(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1)))
+    assert images.shape == (6, 3, 32, 32)  # 48x64 images centre-cropped and resized to 32x32
+    assert skipped == 4 and bad == 0
+
+
+def test_unreadable_shard_is_skipped_and_counted(tmp_path, mnist_shards):
+    import shutil
+
+    shutil.copy(mnist_shards / "mnist5k-000000.tar", tmp_path / "a-000000.tar")
+    (tmp_path / "a-000001.tar").write_bytes(b"this is not a tar file at all" * 100)
+    cfg = config.load(None, [f"data.shards={tmp_path}/a-{{000000..000001}}.tar", "data.size=500",
+                             "model.resolution=32", "model.channels=1", "train.batch_size=50",
+                             "data.num_workers=0", "data.shuffle_buffer=10"])
+    batches = _take(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1), 10)
+    assert sum(b for _, _, b in batches) >= 1
+    assert all(x.shape == (50, 1, 32, 32) for x, _, _ in batches)
+
+
+def test_no_readable_shard_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "bad-000000.tar").write_bytes(b"\0" * 10)
+    cfg = config.load(None, [f"data.shards={tmp_path}", "data.size=10", "train.batch_size=2",
+                             "data.num_workers=0"])
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        next(iter(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1)))

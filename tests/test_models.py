@@ -1,0 +1,72 @@
+"""The paper's architecture rules, checked on the built modules, and the standard parameter counts."""
+
+import pytest
+import torch
+from torch import nn
+
+from dcgan_dist import config, models
+
+
+def _cfg(**kw):
+    return config.load(None, [f"model.{k}={v}" for k, v in kw.items()]).model
+
+
+def test_standard_64px_parameter_counts():
+    g, d = models.build(_cfg(resolution=64, channels=3, nz=100, ngf=64, ndf=64, kernel=4))
+    assert models.num_params(g) == 3_576_704
+    assert models.num_params(d) == 2_765_568
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+@pytest.mark.parametrize("kernel", [4, 5])
+def test_shapes_and_layer_count(resolution, kernel):
+    m = _cfg(resolution=resolution, channels=3, ngf=8, ndf=8, kernel=kernel)
+    g, d = models.build(m)
+    z = models.sample_z(3, m)
+    x = g(z)
+    assert x.shape == (3, 3, resolution, resolution)
+    assert x.min() >= -1 and x.max() <= 1
+    assert d(x).shape == (3,)
+    ups = [l for l in g.modules() if isinstance(l, nn.ConvTranspose2d)]
+    downs = [l for l in d.modules() if isinstance(l, nn.Conv2d)]
+    n = {32: 3, 64: 4, 128: 5}[resolution]
+    assert len(ups) == n + 1 and len(downs) == n + 1  # projection/readout plus log2(res/4) strided layers
+    assert all(l.kernel_size == (kernel, kernel) for l in ups[1:] + downs[:-1])
+    assert all(l.stride == (2, 2) for l in ups[1:] + downs[:-1])
+
+
+def test_architecture_rules():
+    g, d = models.build(_cfg(resolution=64))
+    for net in (g, d):
+        kinds = {type(m) for m in net.modules()}
+        assert not kinds & {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear}, "no pooling, no FC"
+        assert all(getattr(m, "bias", None) is None for m in net.modules() if isinstance(m, (nn.Conv2d,
+                                                                                             nn.ConvTranspose2d)))
+    gl, dl = list(g.main), list(d.main)
+    # G: BN + ReLU after every layer but the last, which is followed by Tanh and no BN.
+    assert isinstance(gl[-1], nn.Tanh) and isinstance(gl[-2], nn.ConvTranspose2d)
+    assert all(isinstance(m, nn.ReLU) for m in gl if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Tanh)) and m is not gl[-1])
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gl) == 4
+    # D: no BN right after the input convolution; LeakyReLU(0.2) everywhere; BN on every other hidden layer.
+    assert isinstance(dl[0], nn.Conv2d) and isinstance(dl[1], nn.LeakyReLU)
+    assert all(m.negative_slope == 0.2 for m in dl if isinstance(m, nn.LeakyReLU))
+    assert not any(isinstance(m, nn.ReLU) for m in dl)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in dl) == 3
+    assert isinstance(dl[-1], nn.Conv2d) and dl[-1].out_channels == 1
+
+
+def test_paper_initialisation():
+    torch.manual_seed(0)
+    g, d = models.build(_cfg(resolution=64))
+    convs = [m.weight for net in (g, d) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    w = torch.cat([c.flatten() for c in convs])
+    assert abs(w.mean()) < 1e-3 and abs(w.std() - 0.02) < 1e-3
+    bn = torch.cat([m.weight for net in (g, d) for m in net.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert abs(bn.mean() - 1) < 0.01 and abs(bn.std() - 0.02) < 0.01
+
+
+def test_latent_priors():
+    u = models.sample_z(10_000, _cfg(z_prior="uniform"))
+    assert u.shape == (10_000, 100) and u.min() >= -1 and u.max() <= 1 and abs(u.std() - 0.577) < 0.01
+    n = models.sample_z(10_000, _cfg(z_prior="normal"))
+    assert abs(n.std() - 1) < 0.01
