@@ -38,6 +38,9 @@ class DataConfig:
     shuffle_buffer: int = 2000      # samples held in each loader worker's shuffle buffer
     num_workers: int = 2            # DataLoader worker processes per rank
     prefetch: int = 4               # batches each worker keeps ready
+    read_retries: int = 3           # retries of a failed remote shard read before the shard is skipped and counted
+    retry_backoff: float = 1.0      # seconds before the first retry; doubled for each later one (with jitter)
+    io_timeout: float = 30.0        # seconds a remote connect or read may stall before the attempt counts as failed
 
 
 @dataclass
@@ -72,12 +75,22 @@ class TrainerConfig:
 
 
 @dataclass
+class PerfConfig:
+    amp: str = "auto"             # auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16, or fp16 with gradient scaling
+    channels_last: bool = False   # NHWC memory format: faster convolutions on tensor-core GPUs
+    compile: str = "none"         # torch.compile mode for G and D: none, default, max-autotune, reduce-overhead
+    fused_adam: Optional[bool] = None  # fused Adam kernels; null: fused on CUDA, not on the CPU
+    ddp_bucket_mb: int = 4        # DDP gradient bucket size: small buckets overlap the all-reduce of small models
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     run_dir: str = "runs/default"
 
 
@@ -91,13 +104,22 @@ def _checked(cfg) -> Config:
         raise ConfigError(f"model.z_prior: {m.z_prior!r} is not 'normal' or 'uniform'")
     if m.channels not in (1, 3):
         raise ConfigError(f"model.channels: {m.channels} is not 1 or 3")
+    for key, allowed in (("perf.amp", ("auto", "fp32", "bf16", "fp16")),
+                         ("perf.compile", ("none", "default", "max-autotune", "reduce-overhead",
+                                           "max-autotune-no-cudagraphs"))):
+        value = getattr(cfg.perf, key.split(".")[1])
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not auto, cpu or cuda")
     for key in ("train.images", "train.batch_size", "log.every_images", "log.sample_every_images",
-                "log.checkpoint_every_images", "log.keep_checkpoints", "data.shuffle_buffer"):
+                "log.checkpoint_every_images", "log.keep_checkpoints", "data.shuffle_buffer", "data.io_timeout"):
         section, name = key.split(".")
         if getattr(cfg[section], name) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg[section], name)}")
+    for name in ("read_retries", "retry_backoff"):
+        if getattr(cfg.data, name) < 0:
+            raise ConfigError(f"data.{name}: must not be negative, got {getattr(cfg.data, name)}")
     return cfg
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .perf import Precision
+
 STAT_NAMES = ("loss/D", "loss/G", "D(x)", "D(G(z))/D_phase", "D(G(z))/G_phase")
 
 
@@ -20,28 +22,29 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-             real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+             real: torch.Tensor, z: torch.Tensor, prec: Precision | None = None) -> torch.Tensor:
     """Update D, then G; return the step's statistics (STAT_NAMES order) as a detached tensor on the device."""
+    prec = prec or Precision(None, real.device.type)
     ones = torch.ones(real.shape[0], device=real.device)
     zeros = torch.zeros(real.shape[0], device=real.device)
 
     # (1) Update D: maximise log D(x) + log(1 - D(G(z))), real and fake as separate batchnorm batches.
-    fake = G(z)
-    d_real = D(real)
-    d_fake = D(fake.detach())
+    with prec.autocast():
+        fake = G(z)
+        d_real = D(real).float()
+        d_fake = D(fake.detach()).float()
     loss_d = F.binary_cross_entropy_with_logits(d_real, ones) + F.binary_cross_entropy_with_logits(d_fake, zeros)
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    prec.backward_and_step(loss_d, opt_d, "D")
 
     # (2) Update G: the non-saturating loss, maximise log D(G(z)).
     d_inner = unwrap(D)
     d_inner.requires_grad_(False)
-    d_fake_g = d_inner(fake)
+    with prec.autocast():
+        d_fake_g = d_inner(fake).float()
     loss_g = F.binary_cross_entropy_with_logits(d_fake_g, ones)
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    prec.backward_and_step(loss_g, opt_g, "G")
     d_inner.requires_grad_(True)
 
     with torch.no_grad():

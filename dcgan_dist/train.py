@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import builtin, checkpoint, data, dist, models
+from . import builtin, checkpoint, data, dist, models, perf
 from . import config as config_mod
 from .config import Config
-from .step import STAT_NAMES, gan_step, unwrap
+from .step import STAT_NAMES, gan_step
 
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]
@@ -46,9 +46,12 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     device = ctx.device
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    G, D = (m.to(device) for m in models.build(cfg.model))
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
+    fmt = perf.memory_format(cfg.perf.channels_last)
+    G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam)
+    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam)
+    prec = perf.precision(cfg.perf.amp, device)
 
     images_seen, step = 0, 0
     skipped = [0, 0]  # this rank's corrupt samples and unreadable shards since the run began (host-side counts)
@@ -63,11 +66,14 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
         skipped = list(state["skipped"][ctx.rank]) if ctx.rank < len(state["skipped"]) else [0, 0]
         checkpoint.restore_rng(state["rng"])
 
+    G, D = perf.compiled(G, cfg.perf.compile), perf.compiled(D, cfg.perf.compile)
     if ctx.distributed:
         # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
-        # the running statistics are identical on every rank anyway.
-        G = DDP(G, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        D = DDP(D, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
+        # these small models overlap their backward.
+        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                   bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
+        G, D = DDP(G, **ddp), DDP(D, **ddp)
 
     shards = data.resolve(cfg.data.shards)
     loader = data.make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=step,
@@ -97,10 +103,10 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
         images_u8, n_skipped, n_bad_shards = next(batches)
         if log is not None and images_seen == 0:
             log.grid("real", data.to_float(images_u8[: cfg.log.grid_size], device), 0)
-        real = data.to_float(images_u8, device)
+        real = data.to_float(images_u8, device).contiguous(memory_format=fmt)
         z = z_for_step(cfg, step, ctx.rank, real.shape[0], device)
 
-        stat_sum += gan_step(G, D, opt_g, opt_d, real, z)
+        stat_sum += gan_step(G, D, opt_g, opt_d, real, z, prec)
         skipped = [skipped[0] + n_skipped, skipped[1] + n_bad_shards]
         step += 1
         steps_in_window += 1
@@ -126,7 +132,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
             steps_in_window, window_start = 0, time.perf_counter()
 
         if log is not None and crossed(cfg.log.sample_every_images):
-            g = unwrap(G)
+            g = perf.base_module(G)
             g.eval()  # sample with running batchnorm statistics: no side effect on training
             with torch.no_grad():
                 grid = g(fixed_z)
@@ -139,7 +145,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
             all_skipped = dist.gather_lists(skipped)
             if ctx.is_main:
                 state = {
-                    "G": unwrap(G).state_dict(), "D": unwrap(D).state_dict(),
+                    "G": perf.base_module(G).state_dict(), "D": perf.base_module(D).state_dict(),
                     "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
                     "images": images_seen, "step": step, "world_size": ctx.world_size, "skipped": all_skipped,
                     "rng": checkpoint.rng_state(), "config": config_mod.to_dict(cfg),
