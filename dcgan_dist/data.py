@@ -27,9 +27,8 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
-from . import tarshards
+from . import storage, tarshards
 from .config import Config
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -47,18 +46,16 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
 def resolve(spec: str) -> ShardSet:
     """Turn data.shards (a directory, a manifest, brace patterns or URLs joined by '::') into a ShardSet."""
     spec = spec.strip()
     if not spec:
         raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
     manifest_path = os.path.join(spec, tarshards.MANIFEST) if os.path.isdir(spec) else spec
-    if manifest_path.endswith(".json") and not _is_remote(manifest_path):
-        if not os.path.exists(manifest_path):
+    if storage.is_remote(spec) and spec.endswith("/"):
+        manifest_path = spec + tarshards.MANIFEST  # a bucket prefix: its manifest names the shards, no listing
+    if manifest_path.endswith(".json"):
+        if not storage.is_remote(manifest_path) and not os.path.exists(manifest_path):
             raise FileNotFoundError(f"data.shards: manifest {manifest_path} does not exist")
         manifest = tarshards.read_manifest(manifest_path)
         base = os.path.dirname(manifest_path)
@@ -70,11 +67,17 @@ def resolve(spec: str) -> ShardSet:
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
         urls = [u for part in spec.split("::") for u in braceexpand(part)]
-    missing = [u for u in urls if not _is_remote(u) and not os.path.exists(u)]
+    missing = [u for u in urls if not storage.is_remote(u) and not os.path.exists(u)]
     if not urls or len(missing) == len(urls):
         raise FileNotFoundError(f"data.shards {spec!r} matches no shard")
     if missing:
         raise FileNotFoundError(f"data.shards {spec!r}: {len(missing)} shards do not exist, first {missing[0]}")
+    remote = [u for u in urls if storage.is_remote(u)]
+    if remote:
+        try:  # one request: an unreachable store or a wrong prefix fails here, not as a skip of every shard
+            storage.check_readable(remote[0])
+        except OSError as err:
+            raise ValueError(f"data.shards {spec!r}: {err}") from err
     return ShardSet(urls)
 
 
@@ -119,6 +122,8 @@ class ShardStream(IterableDataset):
         self.buffer_size = cfg.data.shuffle_buffer
         self.resample = cfg.data.resample
         self.seed = cfg.train.seed
+        self.read_options = {"retries": cfg.data.read_retries, "backoff": cfg.data.retry_backoff,
+                             "timeout": cfg.data.io_timeout}
         self.streams = max(1, cfg.data.num_workers)
         self.steps_per_pass = steps_per_pass(shards, cfg, world_size, explicit_size=cfg.data.size)
         self.start_step = start_step
@@ -148,11 +153,11 @@ class ShardStream(IterableDataset):
         for url, modulus, remainder in sources:
             got = 0
             try:
-                for j, sample in enumerate(tariterators.tarfile_samples([{"url": url}])):
+                for j, sample in enumerate(storage.tar_samples(url, **self.read_options)):
                     if j % modulus == remainder:
                         got += 1
                         yield sample
-            except Exception as err:  # a missing, unreadable or truncated shard: counted, the stream goes on
+            except Exception as err:  # missing, unreadable, truncated or still failing after retries: counted
                 self.bad_shards += 1
                 print(f"dcgan_dist.data: skipping shard {url}: {type(err).__name__}: {err}", file=sys.stderr)
             self.failed_reads = 0 if got else self.failed_reads + 1
@@ -266,7 +271,7 @@ def load_labelled(spec: str, resolution: int, channels: int, limit: int | None =
     shards = resolve(spec)
     images, labels = [], []
     for url in shards.urls:
-        for sample in tariterators.tarfile_samples([{"url": url}]):
+        for sample in storage.tar_samples(url):
             if "cls" not in sample:
                 raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no 'cls' label field")
             ext, raw = _image_field(sample)

@@ -16,6 +16,8 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import storage
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _KEY_OK = re.compile(r"[^A-Za-z0-9_\-]")
@@ -96,10 +98,9 @@ def write_manifest(outdir: Path, shards: list[ShardInfo], source: str, options: 
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Read and sanity-check a manifest; errors name the file."""
-    path = Path(path)
+    """Read and sanity-check a manifest (a local path or a URL such as s3://...); errors name the file."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(str(path)))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read shard manifest: {err}") from None
     for key in ("shards", "total"):

@@ -1,0 +1,241 @@
+"""Shards on object storage: training from a real S3 API (moto's server) and from an HTTP server on 127.0.0.1,
+with connections cut mid-shard, a missing shard and a stalled one. Every server started here is stopped here."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import http.server
+import itertools
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dcgan_dist import builtin, checkpoint, data, storage, tarshards
+from dcgan_dist.train import train
+
+N_SHARDS, PER_SHARD = 8, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: spinning intra-op threads made each run ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """8 shards of 32 real MNIST digits + manifest, written by the project's writer: small enough that a short
+    run reads every shard, so a faulty one is always met."""
+    out = tmp_path_factory.mktemp("small_shards")
+    samples = list(itertools.islice(builtin.samples("mnist5k"), N_SHARDS * PER_SHARD))
+    infos = [tarshards.write_shard(out / tarshards.shard_name("digits", k), samples[k * PER_SHARD:(k + 1) * PER_SHARD])
+             for k in range(N_SHARDS)]
+    tarshards.write_manifest(out, infos, source="test", options={})
+    return out
+
+
+class FaultyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory; the server's `missing` names get 404, `cut` names lose the connection half-way through
+    their first `cut[name]` responses, `stall` names send headers and then go silent for `stall_s` seconds."""
+
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        srv = self.server
+        if name in srv.missing:
+            self.send_error(404)
+            return
+        path = Path(self.directory) / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with srv.lock:
+            cut = srv.cut.get(name, 0) > 0
+            if cut:
+                srv.cut[name] -= 1
+        if name in srv.stall:
+            time.sleep(srv.stall_s)
+        if cut:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(0.1)  # let the reader consume the first half, so the drop falls mid-shard, not before it
+            self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops with half the promised bytes sent
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class ShardServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, directory: Path, missing=(), cut=None, stall=(), stall_s=2.0):
+        handler = lambda *a, **kw: FaultyHandler(*a, directory=str(directory), **kw)  # noqa: E731
+        super().__init__(("127.0.0.1", 0), handler)
+        self.missing, self.cut, self.stall, self.stall_s = set(missing), dict(cut or {}), set(stall), stall_s
+        self.lock = threading.Lock()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up on a stalled response: expected here
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+def _cfg(tiny_cfg, shards: str, run_dir: Path, **data_overrides):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.data.shards = shards
+    cfg.data.resample = False  # every shard is read once per pass: a faulty shard is always met
+    cfg.data.num_workers = 1   # remote reads in a forked loader worker, as on the cluster
+    cfg.data.retry_backoff = 0.01
+    for key, value in data_overrides.items():
+        setattr(cfg.data, key, value)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def _final_g(run_dir: Path) -> dict:
+    return checkpoint.load(checkpoint.latest(run_dir))["G"]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def local_run(small_shards, tmp_path_factory):
+    """The reference: an uninterrupted run over the shards on local disk."""
+    return tmp_path_factory.mktemp("local_run")
+
+
+@pytest.fixture
+def reference_g(tiny_cfg, small_shards, local_run):
+    if checkpoint.latest(local_run) is None:
+        train(_cfg(tiny_cfg, str(small_shards), local_run))
+    return _final_g(local_run)
+
+
+def test_cut_connections_are_retried_and_resume_on_the_same_sample(small_shards, tiny_cfg, tmp_path, capfd,
+                                                                     reference_g):
+    names = [tarshards.shard_name("digits", k) for k in range(N_SHARDS)]
+    with ShardServer(small_shards, cut={n: 1 for n in names}) as srv:
+        local = [s["__key__"] for s in storage.tar_samples(str(small_shards / names[0]))]
+        remote = [s["__key__"] for s in storage.tar_samples(srv.url + names[0], backoff=0.01)]
+        assert remote == local and len(remote) == PER_SHARD
+
+        metrics = train(_cfg(tiny_cfg, srv.url, tmp_path / "run"))
+    err = capfd.readouterr().err
+    assert "retry 1 of 3" in err and re.search(r"failed after [1-9][0-9]* samples", err)  # cut mid-shard
+    assert metrics["images"] == tiny_cfg.train.images and metrics["data/skipped_shards"] == 0
+    # Retries resumed exactly where the cut fell: the same batches as from local disk, so the same weights.
+    assert _same_weights(_final_g(tmp_path / "run"), reference_g)
+
+
+def test_missing_and_stalled_shards_are_skipped_and_counted(small_shards, tiny_cfg, tmp_path, capfd):
+    missing, stalled = tarshards.shard_name("digits", 2), tarshards.shard_name("digits", 5)
+    with ShardServer(small_shards, missing=[missing], stall=[stalled], stall_s=1.5) as srv:
+        t0 = time.perf_counter()
+        metrics = train(_cfg(tiny_cfg, srv.url + tarshards.MANIFEST, tmp_path / "run",
+                             io_timeout=0.3, read_retries=1))
+        elapsed = time.perf_counter() - t0
+    err = capfd.readouterr().err
+    assert f"skipping shard {srv.url}{missing}: FileNotFoundError" in err
+    assert f"skipping shard {srv.url}{stalled}" in err and "retry 1 of 1" in err
+    assert metrics["images"] == tiny_cfg.train.images
+    assert metrics["data/skipped_shards"] >= 2
+    acc = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert acc.Scalars("data/skipped_shards")[-1].value == metrics["data/skipped_shards"]
+    assert elapsed < 30
+
+
+def test_unreachable_store_is_a_clear_error_at_start_up(monkeypatch):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with _loopback_aws(f"http://127.0.0.1:{port}"):
+        for spec, match in (("s3://unreachable/shards/", "s3://unreachable/shards/manifest.json"),
+                            (f"http://127.0.0.1:{port}/digits-{{000000..000003}}.tar",
+                             f"cannot reach http://127.0.0.1:{port}/digits-000000.tar")):
+            t0 = time.perf_counter()
+            with pytest.raises(ValueError, match=re.escape(match)):
+                data.resolve(spec)
+            assert time.perf_counter() - t0 < 20, spec
+
+
+@contextlib.contextmanager
+def _loopback_aws(endpoint: str):
+    """S3 clients that talk to `endpoint` with dummy keys, never to ~/.aws, an instance role or the internet."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in env.items():
+            mp.setenv(var, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients by arguments, not by environment
+        try:
+            yield
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(small_shards):
+    """moto's S3 server on 127.0.0.1 with the small shards uploaded under s3://shards/digits/; yields that URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        with _loopback_aws(f"http://{host}:{port}"):
+            fs, _ = storage.filesystem("s3://shards/")
+            fs.mkdir("shards")
+            fs.put([str(p) for p in sorted(small_shards.iterdir())], "shards/digits/")
+            yield "s3://shards/digits/"
+    finally:
+        server.stop()
+
+
+def test_train_from_s3_and_resume(s3_bucket, tiny_cfg, tmp_path, reference_g):
+    shards = data.resolve(s3_bucket)
+    assert shards.urls[0] == s3_bucket + tarshards.shard_name("digits", 0) and shards.size == N_SHARDS * PER_SHARD
+    assert data.resolve("s3://shards/digits/digits-{000000..000007}.tar").urls == shards.urls
+
+    run = tmp_path / "run"
+    first = _cfg(tiny_cfg, s3_bucket, run)
+    first.train.images = tiny_cfg.train.images // 2
+    assert train(first)["images"] == first.train.images
+    metrics = train(_cfg(tiny_cfg, s3_bucket, run))  # resumes from the checkpoint at half way
+    assert metrics["images"] == tiny_cfg.train.images and metrics["data/skipped_shards"] == 0
+    assert _same_weights(_final_g(run), reference_g)
+
+    # evaluate's labelled loader reads through the same resolve and reader
+    images, labels = data.load_labelled(s3_bucket, resolution=32, channels=1, limit=40)
+    assert images.shape == (40, 1, 32, 32) and labels.shape == (40,)
+
+
+def test_missing_bucket_is_a_clear_error(s3_bucket):
+    with pytest.raises(ValueError, match="s3://no-such-bucket/digits/manifest.json"):
+        data.resolve("s3://no-such-bucket/digits/")
