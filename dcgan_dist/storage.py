@@ -7,6 +7,7 @@ server, STORAGE_EMULATOR_HOST does the same for GCS. Nothing here reads a secret
 
 from __future__ import annotations
 
+import io
 import random
 import sys
 import time
@@ -17,6 +18,7 @@ import fsspec
 from webdataset import gopen, tariterators
 
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read may stall before the attempt counts as failed
+_HTTP_BUFFER = 1 << 20
 _jitter = random.Random()  # private: retry timing must not touch the random state that checkpoints restore
 
 
@@ -48,8 +50,9 @@ def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
         return gopen.gopen(url)
     fs, path = filesystem(url, timeout)
     if fsspec.utils.get_protocol(url) in ("http", "https"):
-        # One streaming GET instead of a HEAD and ranged reads, which not every web server supports.
-        return fs.open(path, "rb", block_size=0)
+        # One streaming GET instead of a HEAD and ranged reads, which not every web server supports; buffered
+        # here, since each read of the raw stream is a round trip to fsspec's event-loop thread.
+        return io.BufferedReader(fs.open(path, "rb", block_size=0), buffer_size=_HTTP_BUFFER)
     return fs.open(path, "rb")
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import builtin, checkpoint, data, storage, tarshards
+from dcgan_dist import checkpoint, data, storage, tarshards
 from dcgan_dist.train import train
 
 N_SHARDS, PER_SHARD = 8, 32
@@ -33,11 +33,13 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory) -> Path:
-    """8 shards of 32 real MNIST digits + manifest, written by the project's writer: small enough that a short
-    run reads every shard, so a faulty one is always met."""
+def small_shards(mnist_shards, tmp_path_factory) -> Path:
+    """The first 256 real MNIST digits re-written as 8 shards of 32 + manifest: small enough that a short run
+    reads every shard, so a faulty one is always met."""
     out = tmp_path_factory.mktemp("small_shards")
-    samples = list(itertools.islice(builtin.samples("mnist5k"), N_SHARDS * PER_SHARD))
+    first = data.resolve(str(mnist_shards)).urls[0]
+    samples = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+               for s in itertools.islice(storage.tar_samples(first), N_SHARDS * PER_SHARD)]
     infos = [tarshards.write_shard(out / tarshards.shard_name("digits", k), samples[k * PER_SHARD:(k + 1) * PER_SHARD])
              for k in range(N_SHARDS)]
     tarshards.write_manifest(out, infos, source="test", options={})
