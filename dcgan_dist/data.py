@@ -6,8 +6,9 @@ pass p is made of `num_workers` virtual streams, each seeded by (seed, p, rank, 
 stream i % num_workers. A resumed run maps its loader workers onto those streams and fast-forwards, so a killed
 and resumed run sees exactly the batches an uninterrupted one would have.
 
-Batches are uint8 (N, C, H, W); the conversion to floats in [-1, 1] happens on the training device, which keeps
-loader-to-trainer traffic four times smaller.
+Batches are uint8 (N, H, W, C), as decoders produce them; the transposition and the conversion to floats in
+[-1, 1] happen on the training device (to_float), which keeps loader-to-trainer traffic four times smaller and
+spares the loader workers a copy. NHWC is channels_last: on a GPU that path needs no transposing copy at all.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def resolve(spec: str) -> ShardSet:
     if not spec:
         raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
     manifest_path = os.path.join(spec, tarshards.MANIFEST) if os.path.isdir(spec) else spec
+    if os.path.isdir(spec) and not os.path.exists(manifest_path):
+        manifest_path = ""  # a directory of shards without a manifest: glob its tar files below
     if storage.is_remote(spec) and spec.endswith("/"):
         manifest_path = spec + tarshards.MANIFEST  # a bucket prefix: its manifest names the shards, no listing
     if manifest_path.endswith(".json"):
@@ -133,8 +136,9 @@ class ShardStream(IterableDataset):
         """Rounds of (url, modulus, remainder) to read: keep sample j of the url when j % modulus == remainder.
 
         Resampling is one endless round of shards drawn with replacement. Without it, a slot (rank, stream) owns
-        a disjoint share of the pass's shard order (or, with fewer shards than slots, every nslots-th sample),
-        and reads it again in a new round only if corrupt samples left it short.
+        a disjoint share of the pass's shard order (or, with fewer shards than slots, every nslots-th sample of
+        the pass counted across shard boundaries, so slots differ by at most one sample), and reads it again in
+        a new round only if corrupt samples left it short.
         """
         urls = self.shards.urls
         if self.resample:
@@ -144,8 +148,9 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.streams + stream
         order = list(range(len(urls)))
         random.Random(f"order-{self.seed}-{pass_idx}").shuffle(order)  # the same on every rank
+        starts = itertools.accumulate((self.shards.counts[i] for i in order), initial=0)
         mine = [(urls[i], 1, 0) for i in order[slot::nslots]] if len(urls) >= nslots else \
-               [(urls[i], nslots, slot) for i in order]
+               [(urls[i], nslots, (slot - start) % nslots) for i, start in zip(order, starts)]
         while True:
             yield iter(mine)
 
@@ -203,7 +208,7 @@ class ShardStream(IterableDataset):
                     skipped += 1
                 else:
                     batch.append(img)
-            images_u8 = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            images_u8 = torch.from_numpy(np.stack(batch))  # NHWC: no transposing copy in the worker
             yield images_u8, skipped, self.bad_shards - bad_before
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -261,8 +266,8 @@ def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start
 
 
 def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batch -> float32 on device, scaled to [-1, 1] (the Tanh range)."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    """uint8 (N, H, W, C) batch -> float32 (N, C, H, W) in channels_last layout on device, scaled to [-1, 1]."""
+    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def load_labelled(spec: str, resolution: int, channels: int, limit: int | None = None,

@@ -22,9 +22,12 @@ class Precision:
     device_type: str
     scaler_d: torch.amp.GradScaler | None = None
     scaler_g: torch.amp.GradScaler | None = None
+    cache: bool = True  # autocast's cache of cast weights; must be off inside a CUDA graph capture
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache)
 
     def backward_and_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, which: str) -> None:
         scaler = self.scaler_d if which == "D" else self.scaler_g
@@ -37,24 +40,34 @@ class Precision:
         scaler.update()
 
 
-def precision(amp: str, device: torch.device) -> Precision:
+def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Precision:
     """perf.amp -> Precision: 'auto' is bf16 on CUDA and fp32 on the CPU."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if amp == "fp32":
         return Precision(None, device.type)
     if amp == "bf16":
-        return Precision(torch.bfloat16, device.type)
+        return Precision(torch.bfloat16, device.type, cache=not cuda_graph)
+    if cuda_graph:
+        raise ValueError("perf.cuda_graph=true works with perf.amp fp32 or bf16, not fp16 (its scaler syncs)")
     if amp == "fp16":
         return Precision(torch.float16, device.type, torch.amp.GradScaler(device.type),
                          torch.amp.GradScaler(device.type))
     raise ValueError(f"perf.amp: {amp!r} is not auto, fp32, bf16 or fp16")
 
 
-def adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool | None) -> torch.optim.Adam:
+def adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool | None,
+         capturable: bool = False) -> torch.optim.Adam:
     """Adam, fused into one kernel where perf.fused_adam says so (by default on CUDA)."""
     use_fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=use_fused or None)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=use_fused or None, capturable=capturable)
+
+
+def cuda_graph_enabled(setting: bool | None, device: torch.device) -> bool:
+    """perf.cuda_graph: null means on for a CUDA device, off elsewhere; true on the CPU is an error."""
+    if setting and device.type != "cuda":
+        raise ValueError("perf.cuda_graph=true needs a CUDA device")
+    return device.type == "cuda" if setting is None else setting
 
 
 def compiled(module: nn.Module, mode: str) -> nn.Module:

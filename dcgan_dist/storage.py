@@ -15,7 +15,9 @@ from typing import IO, Iterator
 
 import aiohttp
 import fsspec
-from webdataset import gopen, tariterators
+from webdataset import gopen
+
+from . import tarread
 
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read may stall before the attempt counts as failed
 _HTTP_BUFFER = 1 << 20
@@ -98,8 +100,7 @@ def tar_samples(url: str, retries: int = 3, backoff: float = 1.0,
     for attempt in range(retries + 1):
         try:
             with open_read(url, timeout) as stream:
-                files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                for j, sample in enumerate(tariterators.group_by_keys(files)):
+                for j, sample in enumerate(tarread.samples(stream, url)):
                     if j >= done:
                         done += 1
                         yield sample

@@ -48,9 +48,10 @@ def test_batches_shape_range_and_pass_length(mnist_shards):
     stream = data.ShardStream(data.resolve(cfg.data.shards), cfg, rank=0, world_size=1)
     assert stream.steps_per_pass == 157  # ceil(5000 / 32)
     images, skipped, bad = next(iter(stream))
-    assert images.shape == (32, 1, 32, 32) and images.dtype == torch.uint8
+    assert images.shape == (32, 32, 32, 1) and images.dtype == torch.uint8  # NHWC
     assert (skipped, bad) == (0, 0)
     x = data.to_float(images, torch.device("cpu"))
+    assert x.shape == (32, 1, 32, 32) and torch.equal(x[3, 0], images[3, :, :, 0].float() / 127.5 - 1)
     assert x.min() >= -1 and x.max() <= 1 and x.max() == 1 and x.min() == -1  # digits: black and white pixels
 
 
@@ -99,7 +100,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     cfg = config.load(None, [f"data.shards={tmp_path}", "model.resolution=32", "model.channels=3",
                              "train.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=1"])
     images, skipped, bad = next(iter(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1)))
-    assert images.shape == (6, 3, 32, 32)  # 48x64 images centre-cropped and resized to 32x32
+    assert images.shape == (6, 32, 32, 3)  # 48x64 images centre-cropped and resized to 32x32
     assert skipped == 4 and bad == 0
 
 
@@ -113,7 +114,7 @@ def test_unreadable_shard_is_skipped_and_counted(tmp_path, mnist_shards):
                              "data.num_workers=0", "data.shuffle_buffer=10"])
     batches = _take(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1), 10)
     assert sum(b for _, _, b in batches) >= 1
-    assert all(x.shape == (50, 1, 32, 32) for x, _, _ in batches)
+    assert all(x.shape == (50, 32, 32, 1) for x, _, _ in batches)
 
 
 def test_no_readable_shard_is_an_error_not_a_hang(tmp_path):
