@@ -7,23 +7,11 @@ Nothing is downloaded: both arrays are inside the installed packages.
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from PIL import Image
-
-from . import tarshards
 
 NAMES = ("mnist5k", "lfw-faces")
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 def load_arrays(name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -42,28 +30,18 @@ def load_arrays(name: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unknown built-in data set {name!r}; known: {', '.join(NAMES)}")
 
 
-def samples(name: str, seed: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, fields) for every image of a built-in set, in an order shuffled by seed so every shard is mixed."""
-    images, labels = load_arrays(name)
-    order = np.random.default_rng(seed).permutation(len(images))
-    for i in order:
-        meta = {"source_id": f"{name}/{i}", "orig_size": list(images[i].shape[:2])}
-        fields = {"png": _png(images[i]), "json": json.dumps(meta, sort_keys=True).encode()}
-        if labels is not None:
-            fields["cls"] = str(int(labels[i])).encode()
-        yield f"{name}-{i:06d}", fields
-
-
 def ensure_shards(name: str, outdir: str | Path, shard_size: int = 500) -> Path:
-    """Write a built-in set as shards + manifest under outdir unless a manifest is already there."""
+    """Write a built-in set as shards + manifest under outdir unless a manifest is already there.
+
+    Goes through the shard tool: images at their own size as PNG, labels as `cls`, in an order shuffled with seed
+    0 so every shard is mixed.
+    """
+    from .shard import run
+    from .shard_options import Options
+    from .tarshards import MANIFEST
+
     outdir = Path(outdir)
-    if (outdir / tarshards.MANIFEST).exists():
-        return outdir
-    outdir.mkdir(parents=True, exist_ok=True)
-    all_samples = list(samples(name))
-    infos = [
-        tarshards.write_shard(outdir / tarshards.shard_name(name, k // shard_size), all_samples[k:k + shard_size])
-        for k in range(0, len(all_samples), shard_size)
-    ]
-    tarshards.write_manifest(outdir, infos, source=f"builtin:{name}", options={"shard_size": shard_size, "seed": 0})
+    if not (outdir / MANIFEST).exists():
+        opts = Options(keep_size=True, format="png", shard_size=shard_size, shuffle=0, prefix=name)
+        run(f"builtin:{name}", outdir, opts, workers=1, progress=False)
     return outdir

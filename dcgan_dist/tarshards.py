@@ -8,7 +8,6 @@ name is always a whole shard.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -52,21 +51,43 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> ShardInfo:
-    """Write one shard atomically: samples are (key, {extension: bytes}), in the order given."""
+def encode_sample(key: str, fields: dict[str, bytes]) -> bytes:
+    """One sample as tar members (header, data, padding per field, fields in sorted order), ready to be joined.
+
+    Encoding is separate from writing so that many processes can encode while one writes.
+    """
+    key = safe_key(key)
+    parts = []
+    for ext in sorted(fields):
+        data = fields[ext]
+        parts += [_tarinfo(f"{key}.{ext}", len(data)).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"), data,
+                  bytes(-len(data) % tarfile.BLOCKSIZE)]
+    return b"".join(parts)
+
+
+def write_encoded_shard(path: Path, samples: list[bytes]) -> ShardInfo:
+    """Write one shard atomically from encode_sample() outputs, in the order given, hashing as it writes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for key, fields in samples:
-                key = safe_key(key)
-                for ext in sorted(fields):
-                    data = fields[ext]
-                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
+    digest, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as f:
+        for chunk in samples:
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        end = bytes(2 * tarfile.BLOCKSIZE)  # end-of-archive marker, then padding to a whole record, as tar does
+        end += bytes(-(size + len(end)) % tarfile.RECORDSIZE)
+        f.write(end)
+        digest.update(end)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    return ShardInfo(path.name, len(samples), path.stat().st_size, file_sha256(path))
+    return ShardInfo(path.name, len(samples), size + len(end), digest.hexdigest())
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> ShardInfo:
+    """Write one shard atomically: samples are (key, {extension: bytes}), in the order given."""
+    return write_encoded_shard(path, [encode_sample(key, fields) for key, fields in samples])
 
 
 def shard_name(prefix: str, index: int) -> str:

@@ -1,0 +1,193 @@
+"""The shard tool on its real inputs: LSUN's LMDB layout, nested folders with broken files, zip and tar archives,
+the built-in sets; output read back with tar, WebDataset and the trainer's own reader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from dcgan_dist import data, shard
+from dcgan_dist.shard_options import Options
+
+import shard_data
+
+
+@pytest.fixture(scope="module")
+def images():
+    return shard_data.distinct_images(40)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, images):
+    root = tmp_path_factory.mktemp("folder")
+    return root, shard_data.make_folder(root, images)
+
+
+def test_lsun_lmdb_of_webp_streams_in_key_order_into_readable_shards(tmp_path, images):
+    keys = shard_data.make_lmdb(tmp_path / "bedroom_train_lmdb", images[:25])
+    manifest = shard.run(str(tmp_path / "bedroom_train_lmdb"), tmp_path / "out", Options(shard_size=10),
+                         progress=False)
+
+    names = [s["name"] for s in manifest["shards"]]
+    assert names == [f"bedroom_train_lmdb-{k:06d}.tar" for k in range(3)]
+    assert [s["count"] for s in manifest["shards"]] == [10, 10, 5] and manifest["total"] == 25
+    assert manifest["source"] == str(tmp_path / "bedroom_train_lmdb") and manifest["tool_version"]
+    assert manifest["options"]["resolution"] == 64 and manifest["counts"]["inputs"] == 25
+    for s in manifest["shards"]:
+        path = tmp_path / "out" / s["name"]
+        assert path.stat().st_size == s["bytes"]
+        listed = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True).stdout
+        assert len(listed.split()) == 2 * s["count"]
+
+    samples = shard_data.read_shards(tmp_path / "out")
+    assert [s["meta"]["source_id"] for s in samples] == keys
+    for s, arr in zip(samples, images):
+        assert s["meta"]["orig_size"] == list(arr.shape[:2])
+        assert shard_data.decode(s["jpg"]).shape == (64, 64, 3)
+
+    loaded = list(wds.WebDataset(str(tmp_path / "out" / names[0]), shardshuffle=False).decode("rgb8"))
+    assert len(loaded) == 10 and loaded[0]["jpg"].shape == (64, 64, 3)
+    shards = data.resolve(str(tmp_path / "out"))  # what the trainer does with the directory
+    assert shards.counts == [10, 10, 5]
+    assert data.decode_image(samples[0]["jpg"], "jpg", 64, 3).shape == (64, 64, 3)
+
+
+def test_folder_recursive_with_broken_files_skips_counts_and_lists_them(tmp_path, folder):
+    root, good = folder
+    manifest = shard.run(str(root), tmp_path / "out", Options(shard_size=16), workers=2, progress=False)
+
+    assert manifest["total"] == len(good) and manifest["counts"]["skipped"] == len(shard_data.BROKEN)
+    reasons = {s["id"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == set(shard_data.BROKEN)
+    for name, reason in shard_data.BROKEN.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+    samples = shard_data.read_shards(tmp_path / "out")
+    assert [s["meta"]["source_id"] for s in samples] == good
+    assert {k for s in samples for k in s if k not in ("key", "meta")} == {"jpg", "json"}
+    assert not (tmp_path / "out" / shard.PROGRESS).exists()
+
+
+def test_zip_and_tar_archives_give_the_folders_shards(tmp_path, folder):
+    root, good = folder
+    archives = shard_data.make_archives(root, tmp_path)
+    opts = Options(shard_size=16, prefix="set")
+    reference = shard.run(str(root), tmp_path / "from_folder", opts, progress=False)
+    for kind, path in archives.items():
+        manifest = shard.run(str(path), tmp_path / kind, opts, progress=False)
+        assert manifest["shards"] == reference["shards"], kind
+        assert manifest["skipped"] == reference["skipped"], kind
+
+
+def test_same_input_gives_identical_bytes_for_any_worker_count_and_shuffle_seed(tmp_path, folder):
+    root, good = folder
+    runs = {}
+    for name, workers, seed in (("w1", 1, None), ("w2", 2, None), ("s1", 1, 7), ("s1w2", 2, 7), ("s2", 1, 8)):
+        shard.run(str(root), tmp_path / name, Options(shard_size=8, shuffle=seed, prefix="x"), workers=workers,
+                  progress=False)
+        runs[name] = shard_data.output_files(tmp_path / name)
+    assert runs["w1"] == runs["w2"] and runs["s1"] == runs["s1w2"]
+
+    def order(name):
+        return [s["meta"]["source_id"] for s in shard_data.read_shards(tmp_path / name)]
+
+    assert order("w1") == good
+    assert sorted(order("s1")) == sorted(order("s2")) == good
+    assert order("s1") != good and order("s1") != order("s2")
+
+
+def test_centre_crop_and_antialiased_resize_keep_size_and_formats(tmp_path):
+    # 1-pixel black/white stripes in a centre square, red bars beside it: an aliasing resize would keep stripes,
+    # a crop that is not centred would let red in.
+    stripes = np.zeros((300, 400, 3), np.uint8)
+    stripes[:, 50:350] = (np.arange(300) % 2 * 255)[None, :, None]
+    stripes[:, :50] = stripes[:, 350:] = (255, 0, 0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "stripes.png").write_bytes(shard_data.encode(stripes, "PNG"))
+
+    for fmt in ("jpg", "png", "webp"):
+        shard.run(str(tmp_path / "in"), tmp_path / fmt, Options(format=fmt), progress=False)
+        [sample] = shard_data.read_shards(tmp_path / fmt)
+        out = shard_data.decode(sample[fmt]).astype(float)
+        assert out.shape == (64, 64, 3)
+        assert abs(out.mean() - 127.5) < 6 and out.std() < 12, fmt  # stripes averaged to grey
+        assert np.abs(out[:, :, 0] - out[:, :, 1]).max() < 12, fmt  # no red
+
+    shard.run(str(tmp_path / "in"), tmp_path / "keep", Options(format="png", keep_size=True), progress=False)
+    [sample] = shard_data.read_shards(tmp_path / "keep")
+    assert np.array_equal(shard_data.decode(sample["png"]), stripes)
+
+
+def test_builtin_sets(tmp_path, mnist_shards):
+    manifest = shard.run("builtin:lfw-faces", tmp_path / "lfw", Options(resolution=32, format="png"),
+                         progress=False)
+    assert manifest["total"] == 100 and manifest["shards"][0]["name"] == "lfw-faces-000000.tar"
+    sample = shard_data.read_shards(tmp_path / "lfw")[0]
+    assert shard_data.decode(sample["png"]).shape == (32, 32)  # greyscale stays greyscale
+    assert sample["meta"] == {"source_id": "lfw-faces/0", "orig_size": [25, 25]}
+
+    # builtin.ensure_shards (the trainer's default data) goes through the same tool: 10 mixed shards of 500
+    mnist = json.loads((mnist_shards / "manifest.json").read_text())
+    assert [s["count"] for s in mnist["shards"]] == [500] * 10 and mnist["options"]["format"] == "png"
+    first = shard_data.read_shards(mnist_shards)[:500]
+    labels = [int(s["cls"]) for s in first]
+    assert len(set(labels)) == 10 and shard_data.decode(first[0]["png"]).shape == (32, 32)
+
+
+def test_errors_exit_non_zero_with_a_clear_message(tmp_path, capsys):
+    def fails(*argv):
+        assert shard.main([*map(str, argv), "--quiet"]) == 1
+        return capsys.readouterr().err
+
+    assert "source " + str(tmp_path / "missing") + " does not exist" in fails(tmp_path / "missing", tmp_path / "o")
+    bad_lmdb = tmp_path / "church_outdoor_train_lmdb"
+    bad_lmdb.mkdir()
+    (bad_lmdb / "data.mdb").write_bytes(b"not an lmdb" * 100)
+    assert f"cannot open LMDB {bad_lmdb}" in fails(bad_lmdb, tmp_path / "o")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"")
+    (broken / "b.png").write_text("text")
+    message = fails(broken, tmp_path / "o2")
+    assert "no sample to write: of 2 inputs, 2 were skipped" in message and "zero-byte file" in message
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no file" in fails(tmp_path / "empty", tmp_path / "o3")
+    with pytest.raises(SystemExit):
+        shard.main([str(broken), str(tmp_path / "o4"), "--quality", "0"])
+    assert "--quality must be between 1 and 100" in capsys.readouterr().err
+
+
+def test_rerun_of_a_finished_set_is_a_no_op_and_other_options_are_refused(tmp_path, images, capsys):
+    (tmp_path / "in").mkdir()
+    for k, arr in enumerate(images[:5]):
+        (tmp_path / "in" / f"{k}.png").write_bytes(shard_data.encode(arr, "PNG"))
+    out = tmp_path / "out"
+    first = shard.run(str(tmp_path / "in"), out, Options(), progress=False)
+    assert shard.run(str(tmp_path / "in"), out, Options(), progress=False) == first
+    assert shard.main([str(tmp_path / "in"), str(out), "--quality", "80", "--quiet"]) == 1
+    assert "another options quality" in capsys.readouterr().err
+
+
+def test_command_line_help_documents_every_option():
+    result = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", "--help"], capture_output=True, text=True,
+                            check=True)
+    for option in ("--resolution", "--keep-size", "--format", "--quality", "--shard-size", "--prefix", "--shuffle",
+                   "--faces", "--min-face", "--face-margin", "--dedup", "--dedup-fit", "--dedup-radius",
+                   "--workers", "--quiet", "builtin:mnist5k"):
+        assert option in result.stdout
+
+
+def test_tar_fields_are_readable_by_plain_tarfile(tmp_path, images):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(shard_data.encode(images[0], "PNG"))
+    manifest = shard.run(str(tmp_path / "in"), tmp_path / "out", Options(), progress=False)
+    with tarfile.open(tmp_path / "out" / manifest["shards"][0]["name"]) as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members] == ["000000000.jpg", "000000000.json"]
+    assert all(m.mtime == 0 and m.uid == 0 for m in members)
