@@ -4,7 +4,7 @@ Semantic: a 3072-128-3072 denoising autoencoder with a dropout-regularised ReLU 
 centre crops of the data set; its code, binarised per unit at the unit's median activation, is a 128-bit hash.
 Near-duplicates get codes a few bits apart, distinct images tens of bits apart. Lookup stays linear: a code is split
 into radius + 1 bands and any two codes within `radius` bits share one band exactly (pigeonhole), so only codes
-sharing a band are compared.
+sharing a band are compared, and at most _BUCKET_CAP of them per band value.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ _FIT_EPOCHS = 10
 _FIT_MIN_STEPS = 300  # small sets get extra passes: fewer steps leave codes that do not separate images
 _INPUT_NOISE = 1.0  # std of the Gaussian corruption, in units of the standardised pixels
 _CODE_DROPOUT = 0.2
+# ReLU codes are sparse, so a band that is all zeros is common; comparing against every code in such a bucket
+# would make the search quadratic. A bucket that full says little, and its first codes stand for it.
+_BUCKET_CAP = 256
 
 
 def exact_key(arr: np.ndarray) -> bytes:
@@ -127,11 +130,14 @@ class Index:
             return self.exact[key]
         value = int.from_bytes(key, "big")
         if self.radius:
-            for (shift, mask), table in zip(self.bands, self.tables):
-                for other, other_id in table.get((value >> shift) & mask, ()):
+            buckets = [table.setdefault((value >> shift) & mask, []) for (shift, mask), table in
+                       zip(self.bands, self.tables)]
+            for bucket in buckets:
+                for other, other_id in bucket:
                     if (value ^ other).bit_count() <= self.radius:
                         return other_id
-            for (shift, mask), table in zip(self.bands, self.tables):
-                table.setdefault((value >> shift) & mask, []).append((value, sample_id))
+            for bucket in buckets:
+                if len(bucket) < _BUCKET_CAP:
+                    bucket.append((value, sample_id))
         self.exact[key] = sample_id
         return None

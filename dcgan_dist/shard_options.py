@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .imageops import FORMATS
@@ -24,13 +25,14 @@ class Options:
     face_margin: float = 0.25  # crop margin on each side of a face, as a fraction of its box
     dedup: str = "none"  # none, exact (same pixels) or semantic (the paper's autoencoder hash)
     dedup_fit: int = 20000  # images the semantic hash is fitted on: the first ones in processing order
-    dedup_radius: int = 3  # semantic codes at most this many bits apart count as duplicates
+    dedup_radius: int = 2  # semantic codes at most this many bits apart count as duplicates
 
     def __post_init__(self):
         checks = [
             (self.resolution >= 1, "--resolution must be at least 1"),
             (1 <= self.quality <= 100, "--quality must be between 1 and 100"),
             (self.shard_size >= 1, "--shard-size must be at least 1"),
+            (re.fullmatch(r"[A-Za-z0-9_-]*", self.prefix), "--prefix may hold only letters, digits, '_' and '-'"),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}"),
             (self.min_face >= 1, "--min-face must be at least 1"),
             (self.face_margin >= 0, "--face-margin must not be negative"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 
+import lmdb
 import numpy as np
 import pytest
 import webdataset as wds
@@ -31,6 +32,9 @@ def folder(tmp_path_factory, images):
 
 def test_lsun_lmdb_of_webp_streams_in_key_order_into_readable_shards(tmp_path, images):
     keys = shard_data.make_lmdb(tmp_path / "bedroom_train_lmdb", images[:25])
+    webp = shard_data.encode(images[0], "WEBP")
+    with lmdb.open(str(tmp_path / "bedroom_train_lmdb"), map_size=1 << 28) as env, env.begin(write=True) as txn:
+        txn.put(b"f" * 40, webp[:len(webp) // 2])  # a truncated value, last in key order
     manifest = shard.run(str(tmp_path / "bedroom_train_lmdb"), tmp_path / "out", Options(shard_size=10),
                          progress=False)
 
@@ -38,7 +42,8 @@ def test_lsun_lmdb_of_webp_streams_in_key_order_into_readable_shards(tmp_path, i
     assert names == [f"bedroom_train_lmdb-{k:06d}.tar" for k in range(3)]
     assert [s["count"] for s in manifest["shards"]] == [10, 10, 5] and manifest["total"] == 25
     assert manifest["source"] == str(tmp_path / "bedroom_train_lmdb") and manifest["tool_version"]
-    assert manifest["options"]["resolution"] == 64 and manifest["counts"]["inputs"] == 25
+    assert manifest["options"]["resolution"] == 64 and manifest["counts"]["inputs"] == 26
+    assert manifest["skipped"] == [{"id": "f" * 40, "reason": "OSError: could not create decoder object"}]
     for s in manifest["shards"]:
         path = tmp_path / "out" / s["name"]
         assert path.stat().st_size == s["bytes"]

@@ -67,4 +67,4 @@ def test_semantic_dedup_catches_planted_near_duplicates_and_keeps_distinct_image
     # the fitted hash, and so every byte, is the same on a second run, with any number of workers
     shard.run(str(src), tmp_path / "again", opts, workers=2, progress=False)
     assert shard_data.output_files(tmp_path / "again") == shard_data.output_files(tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]["dedup_radius"] == 3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]["dedup_radius"] == 2
