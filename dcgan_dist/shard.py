@@ -14,6 +14,7 @@ its output equals an uninterrupted run's. The manifest is written last, and .pro
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -28,8 +29,8 @@ from tqdm import tqdm
 
 from . import dedup, imageops, shard_worker, sources
 from .shard_options import DEDUP_MODES, Options
-from .shard_output import LocalDir
-from .tarshards import MANIFEST, ShardInfo, file_sha256, safe_key, shard_name
+from .shard_output import LocalDir, open_output
+from .tarshards import MANIFEST, ShardInfo, safe_key, shard_name
 
 PROGRESS = ".progress"
 _RUN = f"{PROGRESS}/run.json"
@@ -185,7 +186,7 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
     if len(source) == 0:
         raise ShardError(f"source {source_spec} holds no file")
     opts = replace(opts, prefix=opts.prefix or safe_key(source.name))
-    out = LocalDir(outdir)
+    out = open_output(outdir)
     identity = {"source": source_spec, "options": asdict(opts)}
     finished = _claim(out, identity)
     if finished is not None:
@@ -212,7 +213,7 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
                         .encode())
         extra["duplicates_file"] = DUPLICATES
     if hasher is not None:
-        extra["dedup_hasher"] = {"file": HASHER, "sha256": file_sha256(out.path / HASHER)}
+        extra["dedup_hasher"] = {"file": HASHER, "sha256": hashlib.sha256(hasher).hexdigest()}
     manifest = out.write_manifest(
         state.shards, source_spec, asdict(opts), tool="dcgan_dist.shard",
         counts={"inputs": len(source), "skipped": len(state.skipped), "duplicates": len(state.duplicates),
@@ -230,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="an LSUN LMDB directory (e.g. bedroom_train_lmdb), an image folder (searched "
                    "recursively for jpg, jpeg, png, webp, bmp), a zip or tar archive, or builtin:mnist5k / "
                    "builtin:lfw-faces")
-    p.add_argument("outdir", help="where shards, manifest.json and progress records go")
+    p.add_argument("outdir", help="where shards, manifest.json and progress records go: a local directory or a "
+                   "bucket prefix such as s3://bucket/prefix (credentials from the environment or ~/.aws)")
     p.add_argument("--resolution", type=int, default=d.resolution, help="output side: centre crop, then "
                    "antialiased (Lanczos) resize")
     p.add_argument("--keep-size", action="store_true", help="keep each image whole at its own size instead")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from . import tarshards
+import fsspec
+
+from . import storage, tarshards
 
 
 class LocalDir:
@@ -62,3 +65,75 @@ class LocalDir:
         """Drop the leftovers of writes a killed run never finished."""
         for tmp in self.path.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+class BucketDir:
+    """An object-store prefix (s3://, gs://, ...). Shards and the manifest are written by the same writers into a
+    local temporary folder, then uploaded; a store shows an object only once its upload is complete."""
+
+    def __init__(self, url: str):
+        if fsspec.utils.get_protocol(url) in ("http", "https") or url.startswith("pipe:"):
+            raise ValueError(f"cannot write shards to {url}: name a bucket (s3://, gs://) or a local directory")
+        self.url = url.rstrip("/")
+        self.fs, self.root = storage.filesystem(self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def write_shard(self, name: str, samples: list[bytes]) -> tarshards.ShardInfo:
+        """One tar shard, uploaded unless the bucket already holds these very bytes (a rerun after a kill that
+        fell between an upload and its progress record)."""
+        with tempfile.TemporaryDirectory(prefix="dcgan-shard-") as tmp:
+            info = tarshards.write_encoded_shard(Path(tmp) / name, samples)
+            if not self._holds(name, info, Path(tmp) / "uploaded"):
+                self.fs.put_file(str(Path(tmp) / name), self._key(name))
+        return info
+
+    def _holds(self, name: str, info: tarshards.ShardInfo, scratch: Path) -> bool:
+        if self.size(name) != info.bytes:
+            return False
+        self.fs.get_file(self._key(name), str(scratch))
+        return tarshards.file_sha256(scratch) == info.sha256
+
+    def write_manifest(self, shards: list[tarshards.ShardInfo], source: str, options: dict, **extra) -> dict:
+        """manifest.json, through the project's one manifest writer, then uploaded."""
+        with tempfile.TemporaryDirectory(prefix="dcgan-shard-") as tmp:
+            manifest = tarshards.write_manifest(Path(tmp), shards, source, options, **extra)
+            self.fs.put_file(str(Path(tmp) / tarshards.MANIFEST), self._key(tarshards.MANIFEST))
+        return manifest
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A small object (name may hold '/')."""
+        self.fs.pipe_file(self._key(name), data)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """An object's bytes, or None if it does not exist."""
+        try:
+            return self.fs.cat_file(self._key(name))
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        """An object's size in bytes, or None if it does not exist."""
+        try:
+            return self.fs.info(self._key(name))["size"]
+        except FileNotFoundError:
+            return None
+
+    def remove(self, name: str) -> None:
+        """Remove an object or every object under a prefix, if there."""
+        try:
+            self.fs.rm(self._key(name), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def remove_temporaries(self) -> None:
+        """Nothing to do: an interrupted upload leaves no object behind."""
+
+
+def open_output(dest: str | Path) -> LocalDir | BucketDir:
+    """The shard tool's destination: a bucket prefix for a URL, else a local directory."""
+    return BucketDir(str(dest)) if storage.is_remote(str(dest)) else LocalDir(dest)

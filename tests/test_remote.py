@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import checkpoint, data, storage, tarshards
+from dcgan_dist import checkpoint, data, shard, shard_output, storage, tarshards
 from dcgan_dist.train import train
 
 N_SHARDS, PER_SHARD = 8, 32
@@ -241,3 +241,38 @@ def test_train_from_s3_and_resume(s3_bucket, tiny_cfg, tmp_path, reference_g):
 def test_missing_bucket_is_a_clear_error(s3_bucket):
     with pytest.raises(ValueError, match="s3://no-such-bucket/digits/manifest.json"):
         data.resolve("s3://no-such-bucket/digits/")
+
+
+def test_shard_tool_writes_to_s3_and_a_rerun_skips_uploaded_shards(s3_bucket, small_shards, tmp_path, monkeypatch):
+    src = tmp_path / "digits"
+    src.mkdir()
+    for sample in itertools.islice(storage.tar_samples(str(small_shards / tarshards.shard_name("digits", 0))), 30):
+        (src / f"{sample['__key__']}.png").write_bytes(sample["png"])
+    args = ["--shard-size", "8", "--format", "png", "--keep-size", "--workers", "1", "--quiet"]
+    assert shard.main([str(src), str(tmp_path / "local"), *args]) == 0
+    dest = "s3://shards/from-tool/"
+
+    fs, _ = storage.filesystem(dest)
+    uploads, real_put, real_write = [], fs.put_file, shard_output.BucketDir.write_bytes
+    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: (uploads.append(Path(rpath).name),
+                                                                     real_put(lpath, rpath, **kw))[1])
+
+    def killed_before_third_record(self, name, data):
+        if name.endswith(tarshards.shard_name("digits", 2) + ".json"):
+            raise KeyboardInterrupt  # the shard is uploaded, its progress record never written
+        real_write(self, name, data)
+
+    monkeypatch.setattr(shard_output.BucketDir, "write_bytes", killed_before_third_record)
+    with pytest.raises(KeyboardInterrupt):
+        shard.main([str(src), dest, *args])
+    assert uploads == [tarshards.shard_name("digits", k) for k in range(3)]
+
+    monkeypatch.setattr(shard_output.BucketDir, "write_bytes", real_write)
+    uploads.clear()
+    assert shard.main([str(src), dest, *args]) == 0
+    # Shards 0-1 kept by their progress records, shard 2 found in the bucket with a matching checksum.
+    assert uploads == [tarshards.shard_name("digits", 3), tarshards.MANIFEST]
+
+    remote = tarshards.read_manifest(dest + tarshards.MANIFEST)
+    assert remote["shards"] == tarshards.read_manifest(tmp_path / "local" / tarshards.MANIFEST)["shards"]
+    assert data.resolve(dest).size == 30 and not fs.exists("shards/from-tool/.progress")
