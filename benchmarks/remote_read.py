@@ -76,7 +76,11 @@ def main() -> None:
     parser.add_argument("--shards", default=None, help="shard directory with manifest.json (default: MNIST-5k)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    local = Path(args.shards or builtin.ensure_shards("mnist5k", tempfile.mkdtemp(prefix="mnist5k-")))
+    with tempfile.TemporaryDirectory(prefix="remote-read-") as tmp:
+        _bench(Path(args.shards or builtin.ensure_shards("mnist5k", Path(tmp) / "mnist5k")), args.repeats)
+
+
+def _bench(local: Path, repeats: int) -> None:
     cfg = config.load(None, ["data.builtin=null", "data.num_workers=0", "data.resample=false",
                              "data.shuffle_buffer=1000", "train.batch_size=64"])
 
@@ -96,12 +100,12 @@ def main() -> None:
         rows = {}
         for name, spec in sources.items():
             shards = data.resolve(spec)
-            raw = min((_raw_read(shards) for _ in range(args.repeats)), key=lambda r: r[2])
-            pipe = min((_pipeline(shards, cfg) for _ in range(args.repeats)), key=lambda r: r[1])
+            raw = min((_raw_read(shards) for _ in range(repeats)), key=lambda r: r[2])
+            pipe = min((_pipeline(shards, cfg) for _ in range(repeats)), key=lambda r: r[1])
             rows[name] = (raw, pipe)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"shards: {local} ({len(shards.urls)} shards, {shards.size} samples); best of {args.repeats}\n")
+          f"shards: {local} ({len(shards.urls)} shards, {shards.size} samples); best of {repeats}\n")
     print("| source | raw samples/s | raw MB/s | pipeline images/s | pipeline vs local |")
     print("| --- | --- | --- | --- | --- |")
     base = rows["local disk (baseline)"][1][0] / rows["local disk (baseline)"][1][1]
