@@ -2,7 +2,8 @@
 
 All three turn the same LSUN-like JPEGs (short side 256, as LSUN's images) into 64x64 JPEG (quality 95) samples
 with a json field, in tar shards of 1,000. The tool is timed end to end through `shard.run`, pool start-up
-included. Each figure is the best of --repeats runs, since other processes on a shared machine only slow runs down.
+included. Each figure is the best of --repeats interleaved runs, since other processes on a shared machine only
+slow runs down.
 
     python benchmarks/shard_throughput.py [--images 3000] [--repeats 3]
 """
@@ -75,17 +76,14 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(job, n: int, repeats: int, scratch: Path) -> tuple[float, float]:
-    """(images per second of the fastest of `repeats` runs, CPU milliseconds per image in that run)."""
-    best = (float("inf"), 0.0)
-    for _ in range(repeats):
-        outdir = scratch / "out"
-        shutil.rmtree(outdir, ignore_errors=True)
-        outdir.mkdir()
-        start, cpu = time.perf_counter(), _cpu_seconds()
-        job(outdir)
-        best = min(best, (time.perf_counter() - start, _cpu_seconds() - cpu))
-    return n / best[0], 1000 * best[1] / n
+def timed(job, scratch: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run into an empty directory."""
+    outdir = scratch / "out"
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir()
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    job(outdir)
+    return time.perf_counter() - start, _cpu_seconds() - cpu
 
 
 def machine() -> str:
@@ -109,11 +107,15 @@ def main() -> None:
         (scratch / "src").mkdir()
         make_source(scratch / "src", args.images)
         src = str(scratch / "src")
-        rows = [("plain PIL loop", 1, *measure(lambda out: plain_loop(scratch / "src", out), args.images,
-                                               args.repeats, scratch))]
+        jobs = {("plain PIL loop", 1): lambda out: plain_loop(scratch / "src", out)}
         for workers in (1, 2):
-            job = lambda out, w=workers: shard.run(src, out, Options(), workers=w, progress=False)  # noqa: E731
-            rows.append(("dcgan_dist.shard", workers, *measure(job, args.images, args.repeats, scratch)))
+            jobs["dcgan_dist.shard", workers] = lambda out, w=workers: shard.run(src, out, Options(), workers=w,
+                                                                                 progress=False)
+        best = {key: (float("inf"), 0.0) for key in jobs}
+        for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every method alike
+            for key, job in jobs.items():
+                best[key] = min(best[key], timed(job, scratch))
+    rows = [(*key, args.images / wall, 1000 * cpu / args.images) for key, (wall, cpu) in best.items()]
     base = rows[0][2]
     print(f"{args.images} LSUN-like JPEGs -> 64x64 JPEG shards, best of {args.repeats}; load average at the end "
           + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
