@@ -67,11 +67,12 @@ class LogConfig:
 @dataclass
 class TrainerConfig:
     num_workers: int = 0      # Ray Train workers; 0 runs in this process without Ray
-    use_gpu: bool = False
-    sync_bn: bool = False     # synchronise batchnorm statistics across ranks
-    cpus_per_worker: int = 1
+    use_gpu: bool = False     # one GPU per worker and NCCL; false: CPU workers over gloo
+    sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
     max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
-    storage_path: Optional[str] = None  # Ray RunConfig storage (local path, NFS or bucket); default: run_dir
+    storage_path: Optional[str] = None  # Ray checkpoint storage shared by all nodes (NFS path, s3://, gs://);
+                                        # default: <run_dir>/ray, which suits one machine only
 
 
 @dataclass

@@ -62,6 +62,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's copy of a same-shaped tensor, stacked in rank order: (world_size, *shape)."""
+    if not _active():
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
 def barrier() -> None:
     if _active():
         torch_dist.barrier()

@@ -1,0 +1,119 @@
+"""DDP over gloo on real processes: SyncBN + DDP equals one process with the double batch; data split per rank."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dcgan_dist import config, data, dist, models, tarshards, train
+from dcgan_dist.step import unwrap
+from multirank import run_ranks
+
+PER_RANK, STEPS = 4, 3
+# Max abs weight difference allowed after STEPS steps. float64 checks the algorithm: any missing synchronisation
+# shows up at ~1e-4 (the size of one Adam step at lr 2e-4), the measured difference is ~1e-14. In float32, Adam's
+# normalisation magnifies summation-order noise in near-zero gradients: ~2e-6 measured, 1e-5 allowed.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _inputs(cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """STEPS global batches of real MNIST digits and latent vectors: (STEPS, 2 x PER_RANK, ...)."""
+    images, _ = data.load_labelled(cfg.data.shards, cfg.model.resolution, cfg.model.channels,
+                                   limit=STEPS * 2 * PER_RANK)
+    z = models.sample_z(STEPS * 2 * PER_RANK, cfg.model, generator=torch.Generator().manual_seed(7))
+    return (images.to(dtype).view(STEPS, 2 * PER_RANK, *images.shape[1:]),
+            z.to(dtype).view(STEPS, 2 * PER_RANK, -1))
+
+
+def _train(cfg, ctx: dist.Context, dtype) -> dict:
+    """STEPS steps built as train() builds them (SyncBN conversion, DDP options) on this rank's rows of each batch;
+    the final G and D states and the initial ones."""
+    nets = train.build_nets(cfg, ctx)
+    for net in (nets.G, nets.D):
+        net.to(dtype)  # in place: the optimizers keep their parameters
+    initial = {"G": copy.deepcopy(nets.G.state_dict()), "D": copy.deepcopy(nets.D.state_dict())}
+    step = train.make_step(nets, cfg, ctx)
+    rows = slice(ctx.rank * PER_RANK, (ctx.rank + 1) * PER_RANK) if ctx.distributed else slice(None)
+    for real, z in zip(*_inputs(cfg, dtype)):
+        step(real[rows], z[rows])
+    return {"G": unwrap(nets.G).state_dict(), "D": unwrap(nets.D).state_dict(), "initial": initial}
+
+
+def _ddp_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    cfg = config.from_dict(cfg_dict)
+    ctx = dist.init("cpu")
+    return {dtype: _train(cfg, ctx, dtype) for dtype in TOLERANCE}
+
+
+def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
+    """The whole distributed step (SyncBN statistics, D run twice, DDP averaging, Adam) against plain batch 2b."""
+    tiny_cfg.trainer.sync_bn = True
+    ranks = run_ranks(_ddp_rank, 2, config.to_dict(tiny_cfg))
+    single = dist.Context(0, 1, 0, torch.device("cpu"))
+    for dtype, tol in TOLERANCE.items():
+        ref = _train(tiny_cfg, single, dtype)
+        moved = 0.0
+        for name in ("G", "D"):
+            for key, want in ref[name].items():
+                for rank, r in enumerate(ranks):
+                    err = (r[dtype][name][key].double() - want.double()).abs().max().item()
+                    assert err <= tol, f"{dtype} rank {rank} {name}.{key}: max abs diff {err:.2e} > {tol}"
+                moved = max(moved, (want.double() - ref["initial"][name][key].double()).abs().max().item())
+        assert moved > 1e-4  # the weights did move: this is not the equality of two untouched models
+
+
+def _id_image(i: int) -> bytes:
+    """A 32x32 greyscale PNG whose first two pixels spell its sample id."""
+    arr = np.zeros((32, 32), np.uint8)
+    arr[0, 0], arr[0, 1] = i % 256, i // 256
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_numbered_shards(outdir, sizes) -> None:
+    outdir.mkdir()
+    infos, first = [], 0
+    for k, size in enumerate(sizes):
+        samples = [(f"s{i:05d}", {"png": _id_image(i)}) for i in range(first, first + size)]
+        infos.append(tarshards.write_shard(outdir / tarshards.shard_name("ids", k), samples))
+        first += size
+    tarshards.write_manifest(outdir, infos, source="test:numbered", options={})
+
+
+def _data_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    cfg = config.from_dict(cfg_dict)
+    shards = data.resolve(cfg.data.shards)
+    per_pass = data.steps_per_pass(shards, cfg, world_size)
+    loader = data.make_loader(shards, cfg, rank, world_size, start_step=0, pin_memory=False)
+    ids, steps = [], 0
+    for images, _, _ in loader:
+        # The collective every training step makes: a rank that ran out of batches would hang the other here.
+        dist.all_reduce_sum(torch.ones(1))
+        if steps < per_pass:
+            ids += (images[:, 0, 0, 0].long() + 256 * images[:, 0, 1, 0].long()).tolist()  # uint8 NHWC
+        steps += 1
+        if steps == per_pass + 3:  # a few steps into the second pass
+            break
+    return {"ids": ids, "steps": steps, "per_pass": per_pass}
+
+
+def test_three_shards_two_ranks_two_loader_workers_read_each_sample_once(tmp_path):
+    """Fewer shards than (rank, worker) slots, unequal sizes, no resampling: one pass has no repeats, no hang."""
+    sizes = (30, 30, 23)
+    _write_numbered_shards(tmp_path / "ids", sizes)
+    cfg = config.load(None, [f"data.shards={tmp_path / 'ids'}", "data.builtin=null", "data.resample=false",
+                             "data.num_workers=2", "data.shuffle_buffer=8", "train.batch_size=2",
+                             "model.resolution=32", "model.channels=1"])
+    ranks = run_ranks(_data_rank, 2, config.to_dict(cfg), timeout=90)
+    per_pass = ranks[0]["per_pass"]
+    assert all(r["steps"] == per_pass + 3 for r in ranks)
+    read = ranks[0]["ids"] + ranks[1]["ids"]
+    assert len(read) == 2 * per_pass * 2
+    assert len(set(read)) == len(read), "a sample was read twice in one pass"
+    assert set(read) <= set(range(sum(sizes)))
+    assert len(read) >= sum(sizes) - 2 * 2 * 2 * 2  # the pass covers all but less than a batch per slot

@@ -1,0 +1,182 @@
+"""Ray Train on a real two-node Ray cluster on this machine: DDP over gloo, SyncBN, a killed worker, `ray job submit`.
+
+One cluster serves the module (a head and a second node, one CPU each, so the two training workers land on
+different nodes). Its files live in a short temporary directory (RAY_TMPDIR; Unix socket paths must stay short),
+and token authentication stays on with a token made for this module (RAY_AUTH_TOKEN), not one in ~/.ray.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dcgan_dist import checkpoint
+from multirank import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+GLOBAL_BATCH = 2 * 16  # two workers x tiny_cfg's per-rank batch
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """(cluster, dashboard URL) of a fresh two-node cluster, stopped afterwards whatever happened."""
+    import ray
+    from ray._raylet import Config as RayConfig
+    from ray.cluster_utils import Cluster
+
+    root = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    cluster = None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", root)
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        RayConfig.initialize("")  # `import ray` read RAY_AUTH_MODE already; ray.init re-reads it the same way
+        try:
+            dashboard_port = free_port()
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": True,
+                "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+                "dashboard_agent_listen_port": free_port()})  # free ports: other clusters may be running
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield cluster, f"http://127.0.0.1:{dashboard_port}"
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+    RayConfig.initialize("")  # back to this process's own authentication mode
+
+
+def _scalars(run_dir: Path, tag: str = "loss/D") -> list[list[int]]:
+    """The steps (images) of one scalar in each TensorBoard event file of a run, oldest file first."""
+    files = sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: float(p.name.split(".")[3]))
+    steps = []
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        steps.append([e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else [])
+    return steps
+
+
+def _ray_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files that Ray Train stored (default storage: <run_dir>/ray/<run name>/)."""
+    return sorted((run_dir / "ray" / run_dir.name).glob("ckpt-*/checkpoints/ckpt-*.pt"))
+
+
+@pytest.mark.ray
+def test_workers_that_do_not_fit_a_local_instance_fail_at_once(mnist_shards, tmp_path):
+    """No cluster to join: Ray starts a local instance, which can never hold 4 GPU workers; say so, don't wait."""
+    ray_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env.update(RAY_TMPDIR=ray_dir, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}",
+                               "data.builtin=null", f"run_dir={tmp_path / 'run'}", "trainer.num_workers=4",
+                               "trainer.use_gpu=true"], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert proc.returncode != 0
+    assert "trainer: this machine has" in proc.stderr and "0 GPU of the 4 needed" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_cfg):
+    """SyncBN + DDP over gloo across two nodes; SIGKILL one worker after the first checkpoint; Ray restarts the
+    group from that checkpoint (FailureConfig) and the run ends at exactly train.images."""
+    from ray.util.state import list_actors
+
+    from dcgan_dist import launch
+
+    cluster, _ = two_nodes
+    cfg = tiny_cfg
+    target = 200 * GLOBAL_BATCH
+    cfg.trainer.num_workers, cfg.trainer.sync_bn, cfg.trainer.max_failures = 2, True, 1
+    cfg.train.images, cfg.log.every_images = target, 10 * GLOBAL_BATCH
+    cfg.log.checkpoint_every_images, cfg.log.sample_every_images = 20 * GLOBAL_BATCH, target
+    run_dir = Path(cfg.run_dir)
+
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = launch.run(cfg)
+        except BaseException as err:  # reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    killed, nodes, deadline = None, set(), time.monotonic() + 150
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                ("state", "=", "ALIVE")])
+        if len(workers) == 2:
+            nodes = {w.node_id for w in workers}
+            if _ray_checkpoints(run_dir):
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=max(1.0, deadline - time.monotonic()))
+    assert not thread.is_alive(), "training did not finish in time"
+    assert "error" not in outcome, f"training failed: {outcome.get('error')!r}"
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert len(nodes) == 2, f"both workers ran on one node: {nodes}"
+
+    result = outcome["result"]
+    final = checkpoint.load(checkpoint.latest(result.checkpoint.path), map_location="cpu")
+    assert final["images"] == target and final["step"] == target // GLOBAL_BATCH
+    assert final["world_size"] == 2
+    assert any("running_mean" in k for k in final["D"])  # synchronised BN saves plain batchnorm entries
+
+    # The first attempt's events, then the resumed attempt's: it picked up after a checkpoint, not at 0.
+    steps = _scalars(run_dir)
+    assert len(steps) >= 2, f"one TensorBoard event file: the run never restarted ({steps})"
+    resumed_from = steps[-1][0] - cfg.log.every_images
+    assert 0 < resumed_from and resumed_from % cfg.log.checkpoint_every_images == 0, steps
+    assert steps[-1][-1] == target
+
+
+@pytest.mark.ray
+def test_ray_job_submit_trains_on_the_cluster(two_nodes, mnist_shards, tmp_path):
+    """The documented command: `ray job submit --working-dir . -- python -m dcgan_dist.train ... num_workers=2`."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, dashboard = two_nodes
+    run_dir = tmp_path / "job-run"
+    target = 40 * GLOBAL_BATCH
+    overrides = [
+        f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=1", "data.shuffle_buffer=200",
+        "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={target}", "train.device=cpu",
+        f"log.every_images={10 * GLOBAL_BATCH}", f"log.sample_every_images={target}",
+        f"log.checkpoint_every_images={20 * GLOBAL_BATCH}", "log.grid_size=16", f"run_dir={run_dir}",
+        "trainer.num_workers=2", "trainer.sync_bn=true",
+    ]
+    job = f"dcgan-test-{secrets.token_hex(4)}"
+    submit = subprocess.run(
+        [RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job, "--working-dir", str(REPO),
+         "--", sys.executable, "-m", "dcgan_dist.train", "--config", "configs/mnist_local.yaml", *overrides],
+        capture_output=True, text=True, timeout=240)
+    status = JobSubmissionClient(dashboard).get_job_status(job)  # `ray job submit` waits for the end
+    assert status == JobStatus.SUCCEEDED and submit.returncode == 0, \
+        f"{status}\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
+
+    assert _scalars(run_dir) == [list(range(10 * GLOBAL_BATCH, target + 1, 10 * GLOBAL_BATCH))]
+    stored = _ray_checkpoints(run_dir)
+    assert [p.name for p in stored] == [checkpoint.path_for(run_dir, n).name for n in (target // 2, target)]
+    final = torch.load(stored[-1], weights_only=True)
+    assert final["images"] == target and final["world_size"] == 2
