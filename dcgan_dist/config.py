@@ -82,6 +82,7 @@ class PerfConfig:
     compile: str = "none"         # torch.compile mode for G and D: none, default, max-autotune, reduce-overhead
     fused_adam: Optional[bool] = None  # fused Adam kernels; null: fused on CUDA, not on the CPU
     ddp_bucket_mb: int = 4        # DDP gradient bucket size: small buckets overlap the all-reduce of small models
+    cuda_graph: Optional[bool] = False  # capture the whole step as one CUDA graph; null: on whenever CUDA is used
 
 
 @dataclass

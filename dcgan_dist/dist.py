@@ -27,7 +27,8 @@ class Context:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """True under a distributed launcher (torchrun, Ray Train), even with one rank: the DDP/NCCL path."""
+        return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:
@@ -46,7 +47,8 @@ def init(device: str = "auto") -> Context:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
-    if world_size > 1 and not torch_dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun or Ray Train
+    if (world_size > 1 or launched) and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Context(rank, world_size, local_rank, dev)
 

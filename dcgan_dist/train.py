@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import builtin, checkpoint, data, dist, models, perf
+from . import builtin, checkpoint, data, dist, models, perf, storage, syncbn
 from . import config as config_mod
 from .config import Config
-from .step import STAT_NAMES, gan_step
+from .step import STAT_NAMES, CudaGraphStep, gan_step
 
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]
@@ -34,9 +37,55 @@ def z_for_step(cfg: Config, step: int, rank: int, n: int, device: torch.device) 
 
 def prepare_data(cfg: Config) -> None:
     """Write the configured built-in set as shards if data.shards does not exist yet."""
-    if cfg.data.builtin and not Path(cfg.data.shards).exists():
+    if cfg.data.builtin and not storage.is_remote(cfg.data.shards) and not Path(cfg.data.shards).exists():
         print(f"writing built-in data set {cfg.data.builtin!r} as shards under {cfg.data.shards}", flush=True)
         builtin.ensure_shards(cfg.data.builtin, cfg.data.shards)
+
+
+@dataclass
+class Nets:
+    """G, D, their optimizers and the step's precision; G and D get their DDP/compile wrappers in make_step."""
+    G: nn.Module
+    D: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    prec: perf.Precision
+    graphed: bool
+
+
+def build_nets(cfg: Config, ctx: dist.Context) -> Nets:
+    """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers."""
+    device = ctx.device
+    torch.manual_seed(cfg.train.seed)
+    fmt = perf.memory_format(cfg.perf.channels_last)
+    G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
+    if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
+        G, D = syncbn.convert(G), syncbn.convert(D)
+    graphed = perf.cuda_graph_enabled(cfg.perf.cuda_graph, device)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam, capturable=graphed)
+    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam, capturable=graphed)
+    return Nets(G, D, opt_g, opt_d, perf.precision(cfg.perf.amp, device, cuda_graph=graphed), graphed)
+
+
+def make_step(nets: Nets, cfg: Config, ctx: dist.Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Wrap G and D (torch.compile, then DDP) and return step(real, z) -> statistics, graphed if configured."""
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # shapes never change: pick the fastest kernels
+    G, D = perf.compiled(nets.G, cfg.perf.compile), perf.compiled(nets.D, cfg.perf.compile)
+    side = torch.cuda.Stream() if nets.graphed else None  # whole-step capture wants DDP built on its stream
+    if ctx.distributed:
+        # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
+        # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
+        # these small models overlap their backward.
+        device = ctx.device
+        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                   bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            G, D = DDP(G, **ddp), DDP(D, **ddp)
+    nets.G, nets.D = G, D
+    if nets.graphed:
+        return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side)
+    return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec)
 
 
 def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None) -> dict:
@@ -45,13 +94,8 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     run_dir = Path(cfg.run_dir)
     device = ctx.device
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    fmt = perf.memory_format(cfg.perf.channels_last)
-    G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam)
-    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam)
-    prec = perf.precision(cfg.perf.amp, device)
+    nets = build_nets(cfg, ctx)
+    G, D, opt_g, opt_d = nets.G, nets.D, nets.opt_g, nets.opt_d
 
     images_seen, step = 0, 0
     skipped = [0, 0]  # this rank's corrupt samples and unreadable shards since the run began (host-side counts)
@@ -66,14 +110,8 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
         skipped = list(state["skipped"][ctx.rank]) if ctx.rank < len(state["skipped"]) else [0, 0]
         checkpoint.restore_rng(state["rng"])
 
-    G, D = perf.compiled(G, cfg.perf.compile), perf.compiled(D, cfg.perf.compile)
-    if ctx.distributed:
-        # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
-        # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
-        # these small models overlap their backward.
-        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-                   bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
-        G, D = DDP(G, **ddp), DDP(D, **ddp)
+    step_fn = make_step(nets, cfg, ctx)
+    G, D, fmt = nets.G, nets.D, perf.memory_format(cfg.perf.channels_last)
 
     shards = data.resolve(cfg.data.shards)
     loader = data.make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=step,
@@ -106,7 +144,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
         real = data.to_float(images_u8, device).contiguous(memory_format=fmt)
         z = z_for_step(cfg, step, ctx.rank, real.shape[0], device)
 
-        stat_sum += gan_step(G, D, opt_g, opt_d, real, z, prec)
+        stat_sum += step_fn(real, z)
         skipped = [skipped[0] + n_skipped, skipped[1] + n_bad_shards]
         step += 1
         steps_in_window += 1
