@@ -14,7 +14,6 @@ spares the loader workers a copy. NHWC is channels_last: on a GPU that path need
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import math
 import os
@@ -29,7 +28,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import storage, tarshards
+from . import imageops, storage, tarshards
 from .config import Config
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -84,33 +83,21 @@ def resolve(spec: str) -> ShardSet:
     return ShardSet(urls)
 
 
-def decode_image(data: bytes, ext: str, resolution: int, channels: int) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
     """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
-    if ext in ("jpg", "jpeg"):
-        import simplejpeg
-
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY")
-    else:
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    h, w = arr.shape[:2]
-    if (h, w) != (resolution, resolution):
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        img = Image.fromarray(arr[top:top + side, left:left + side].squeeze(2) if channels == 1
-                              else arr[top:top + side, left:left + side])
-        arr = np.asarray(img.resize((resolution, resolution), Image.LANCZOS))
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
+    arr, _ = imageops.decode(data, min_side=resolution)
+    if arr.shape[2] != channels:
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(img).reshape(*arr.shape[:2], channels)
+    if arr.shape[:2] != (resolution, resolution):
+        arr = imageops.centre_square(arr, resolution)
     return arr
 
 
-def _image_field(sample: dict) -> tuple[str, bytes]:
+def _image_field(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
-            return ext, sample[ext]
+            return sample[ext]
     raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")
 
 
@@ -186,8 +173,7 @@ class ShardStream(IterableDataset):
         """Decoded images; None stands for a corrupt sample, so that skips are counted where they happen."""
         for sample in samples:
             try:
-                ext, data = _image_field(sample)
-                yield decode_image(data, ext, self.resolution, self.channels)
+                yield decode_image(_image_field(sample), self.resolution, self.channels)
             except Exception as err:
                 self.corrupt += 1
                 if self.corrupt <= _MAX_REPORTED:
@@ -279,8 +265,7 @@ def load_labelled(spec: str, resolution: int, channels: int, limit: int | None =
         for sample in storage.tar_samples(url):
             if "cls" not in sample:
                 raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no 'cls' label field")
-            ext, raw = _image_field(sample)
-            images.append(decode_image(raw, ext, resolution, channels))
+            images.append(decode_image(_image_field(sample), resolution, channels))
             labels.append(int(sample["cls"].decode().strip()))
             if limit is not None and len(images) >= limit:
                 break

@@ -59,7 +59,7 @@ def test_lsun_lmdb_of_webp_streams_in_key_order_into_readable_shards(tmp_path, i
     assert len(loaded) == 10 and loaded[0]["jpg"].shape == (64, 64, 3)
     shards = data.resolve(str(tmp_path / "out"))  # what the trainer does with the directory
     assert shards.counts == [10, 10, 5]
-    assert data.decode_image(samples[0]["jpg"], "jpg", 64, 3).shape == (64, 64, 3)
+    assert data.decode_image(samples[0]["jpg"], 64, 3).shape == (64, 64, 3)
 
 
 def test_folder_recursive_with_broken_files_skips_counts_and_lists_them(tmp_path, folder):
