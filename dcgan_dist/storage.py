@@ -15,7 +15,6 @@ from typing import IO, Iterator
 
 import aiohttp
 import fsspec
-from webdataset import gopen
 
 from . import tarread
 
@@ -49,6 +48,9 @@ def filesystem(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[fsspec.Abstr
 def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
     """A binary stream over a whole object, read front to back."""
     if url.startswith("pipe:"):
+        # Imported here: webdataset imports torch, which the shard tool and its workers never need.
+        from webdataset import gopen
+
         return gopen.gopen(url)
     fs, path = filesystem(url, timeout)
     if fsspec.utils.get_protocol(url) in ("http", "https"):
