@@ -13,6 +13,7 @@ the same command with the same run_dir and storage resumes the same way.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -103,8 +104,21 @@ def _connect() -> bool:
         ray.init(address="auto")
         return True
     except ConnectionError:
-        ray.init(address="local")
+        _start_local()
         return False
+
+
+def _start_local() -> None:
+    """Start a fresh single-node instance that listens and talks on loopback (127.0.0.1) only.
+
+    It never gains nodes, so nothing needs this machine's outward address. Ray turns a node address of 127.0.0.1
+    into that outward address (services.resolve_ip_for_localhost) unless multi-node clusters are off, as they are
+    by default on macOS and Windows: turn them off here, for this process (Ray read the switch at import) and for
+    the processes the instance starts (they read it from the environment).
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", _node_ip_address="127.0.0.1")
 
 
 def _check_fits(t, can_grow: bool) -> None:

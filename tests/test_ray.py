@@ -3,6 +3,12 @@
 One cluster serves the module (a head and a second node, one CPU each, so the two training workers land on
 different nodes). Its files live in a short temporary directory (RAY_TMPDIR; Unix socket paths must stay short),
 and token authentication stays on with a token made for this module (RAY_AUTH_TOKEN), not one in ~/.ray.
+
+Every Ray process listens and talks on loopback (127.0.0.1) only, never this machine's outward address: the nodes
+get node_ip_address 127.0.0.1, and multi-node clusters are switched off in Ray's own sense (as on macOS and
+Windows), because otherwise Ray turns a 127.0.0.1 address given to ray.init, or RAY_ADDRESS in a job's driver,
+into the outward address (services.resolve_ip_for_localhost), where nothing listens, and the driver waits on
+it for ever. The switch only steers that lookup; Cluster starts its second node all the same.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ GLOBAL_BATCH = 2 * 16  # two workers x tiny_cfg's per-rank batch
 def two_nodes():
     """(cluster, dashboard URL) of a fresh two-node cluster, stopped afterwards whatever happened."""
     import ray
+    from ray._private import ray_constants
     from ray._raylet import Config as RayConfig
     from ray.cluster_utils import Cluster
 
@@ -44,16 +51,19 @@ def two_nodes():
         env.setenv("RAY_AUTH_MODE", "token")
         env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")  # Ray's processes and job drivers: loopback
+        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this process, which read it at import
         RayConfig.initialize("")  # `import ray` read RAY_AUTH_MODE already; ray.init re-reads it the same way
         try:
             dashboard_port = free_port()
             cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": True,
-                "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+                "node_ip_address": "127.0.0.1", "num_cpus": 1, "gcs_server_port": free_port(),
+                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
                 "dashboard_agent_listen_port": free_port()})  # free ports: other clusters may be running
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
             cluster.wait_for_nodes()
-            ray.init(address=cluster.address)
+            ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, ray.nodes()
             yield cluster, f"http://127.0.0.1:{dashboard_port}"
         finally:
             ray.shutdown()
