@@ -1,17 +1,18 @@
 """Sample quality of an MNIST generator, measured: a CNN trained on the real MNIST-5k labels classifies samples.
 
-    python benchmarks/sample_quality.py runs/mnist_local/checkpoints/ckpt-*.pt [--n 1000]
+    python benchmarks/sample_quality.py CHECKPOINT [CHECKPOINT ...] [--n 1000]
 
 Prints the classifier's held-out accuracy on real digits (its credibility as a judge), then for the generator:
 the share of samples per digit class (target: every class between 4% and 16%), the entropy of those shares and
 the mean top-class probability (target: at least 0.8). A random-weights generator is scored in the same run as
-the baseline.
+the baseline. Several checkpoints share one judge.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -24,14 +25,14 @@ from dcgan_dist.sample import generate, load_generator
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--shards", default=None, help="labelled MNIST shards (default: write mnist5k to a temp dir)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    g, cfg = load_generator(args.checkpoint)
+    g, cfg = load_generator(args.checkpoints[0])
     shards = args.shards or str(builtin.ensure_shards("mnist5k", tempfile.mkdtemp(prefix="mnist5k-")))
     x, y = data.load_labelled(shards, cfg.model.resolution, cfg.model.channels)
     held = torch.arange(len(x)) % 10 == 0  # 10% held out to show the judge is accurate
@@ -40,25 +41,24 @@ def main() -> None:
     acc = float((classifier.predict_proba(judge, x[held]).argmax(1) == y[held]).float().mean())
     fit_s = time.perf_counter() - t0
 
-    rows = {"trained G": generate(g, cfg, args.n, seed=1)}
     torch.manual_seed(0)
-    rows["random-init G (baseline)"] = generate(models.build(cfg.model)[0].eval(), cfg, args.n, seed=1)
+    rows = {"random-init G (baseline)": generate(models.build(cfg.model)[0].eval(), cfg, args.n, seed=1)}
+    for path in args.checkpoints:
+        g, cfg = load_generator(path)
+        rows[path] = generate(g, cfg, args.n, seed=1)
     results = {name: classifier.coverage(classifier.predict_proba(judge, s)) for name, s in rows.items()}
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; checkpoint {args.checkpoint}")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads")
     print(f"judge: SmallCNN fit on {int((~held).sum())} real digits in {fit_s:.1f} s, "
           f"held-out accuracy {acc:.4f} on {int(held.sum())}\n")
-    print(f"| generator | n | min share | max share | entropy (max {results['trained G']['max_entropy']:.3f}) "
-          f"| mean confidence |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| generator | n | min share | max share | entropy (max {math.log(10):.3f}) | mean confidence "
+          f"| per-class shares 0..9 | targets met |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
+        ok = min(r["shares"]) >= 0.04 and max(r["shares"]) <= 0.16 and r["mean_confidence"] >= 0.8
         print(f"| {name} | {r['n']} | {min(r['shares']):.3f} | {max(r['shares']):.3f} | {r['entropy']:.3f} "
-              f"| {r['mean_confidence']:.3f} |")
-    print("\nper-class shares of the trained G:", " ".join(f"{k}:{s:.3f}" for k, s in
-                                                      enumerate(results["trained G"]["shares"])))
-    ok = min(results["trained G"]["shares"]) >= 0.04 and max(results["trained G"]["shares"]) <= 0.16 \
-        and results["trained G"]["mean_confidence"] >= 0.8
-    print(f"targets (every class 4%..16%, mean confidence >= 0.8): {'met' if ok else 'NOT met'}")
+              f"| {r['mean_confidence']:.3f} | {' '.join(f'{s:.3f}' for s in r['shares'])} | {'yes' if ok else 'no'} |")
+    print("\ntargets: every class between 4% and 16% of samples, mean top-class probability >= 0.8")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"judge_accuracy": acc, **results}, f, indent=1)
