@@ -54,6 +54,15 @@ def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, batch_size:
     return model.eval()
 
 
+def fit_with_holdout(images: torch.Tensor, labels: torch.Tensor, holdout_every: int = 10, **fit_args,
+                     ) -> tuple[SmallCNN, dict]:
+    """fit() on all but every `holdout_every`-th image, and the judge's accuracy on those held out."""
+    held = torch.arange(len(images)) % holdout_every == 0
+    model = fit(images[~held], labels[~held], **fit_args)
+    accuracy = float((predict_proba(model, images[held]).argmax(1) == labels[held]).float().mean())
+    return model, {"heldout_accuracy": accuracy, "n_train": int((~held).sum()), "n_heldout": int(held.sum())}
+
+
 @torch.no_grad()
 def predict_proba(model: SmallCNN, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     device = next(model.parameters()).device
@@ -66,10 +75,14 @@ def coverage(probs: torch.Tensor) -> dict:
     k = probs.shape[1]
     shares = torch.bincount(probs.argmax(1), minlength=k).double() / len(probs)
     nonzero = shares[shares > 0]
+    entropy = float((nonzero * nonzero.reciprocal().log()).sum())
+    confidence = float(probs.max(1).values.mean())
     return {
         "n": len(probs),
         "shares": [round(float(s), 4) for s in shares],
-        "entropy": float(-(nonzero * nonzero.log()).sum()),
+        "entropy": entropy,
         "max_entropy": math.log(k),
-        "mean_confidence": float(probs.max(1).values.mean()),
+        "mean_confidence": confidence,
+        # One number to rank checkpoints by, in [0, 1]: 1 when every class is equally drawn and confidently so.
+        "score": entropy / math.log(k) * confidence,
     }

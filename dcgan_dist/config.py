@@ -86,6 +86,19 @@ class PerfConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample quality measured during training (evalhook.py); docs/evaluate.md has the commands behind it."""
+    metric: Optional[str] = None  # null: off; "fid" (needs inception_weights) or "coverage" (needs `cls` labels)
+    every_images: int = 20_000    # evaluate whenever this many more images have been seen, and at the end
+    samples: int = 2_000          # generated samples per evaluation (the same latent draws every time)
+    shards: Optional[str] = None  # real images to compare with (coverage: labelled); default: data.shards
+    real_samples: int = 10_000    # real images read once: FID reference statistics, or the coverage judge's data
+    inception_weights: Optional[str] = None  # Inception-v3 FID weights file on disk; nothing is downloaded
+    inception_dims: int = 2048    # Inception pool features: 2048 (the standard FID), 768, 192 or 64
+    keep_best: bool = True        # write checkpoints/best.pt whenever the score improves
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,6 +106,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
 
 
@@ -122,7 +136,23 @@ def _checked(cfg) -> Config:
     for name in ("read_retries", "retry_backoff"):
         if getattr(cfg.data, name) < 0:
             raise ConfigError(f"data.{name}: must not be negative, got {getattr(cfg.data, name)}")
+    _check_eval(cfg.eval)
     return cfg
+
+
+def _check_eval(e: EvalConfig) -> None:
+    if e.metric not in (None, "fid", "coverage"):
+        raise ConfigError(f"eval.metric: {e.metric!r} is not null, 'fid' or 'coverage'")
+    if e.metric == "fid" and not e.inception_weights:
+        raise ConfigError("eval.inception_weights: eval.metric=fid needs an Inception-v3 weights file "
+                          "(docs/evaluate.md says where to get it)")
+    if e.inception_dims not in (64, 192, 768, 2048):  # fid.DIMS, not imported: config stays free of torch
+        raise ConfigError(f"eval.inception_dims: {e.inception_dims} is not one of 64, 192, 768, 2048")
+    if e.every_images <= 0:
+        raise ConfigError(f"eval.every_images: must be positive, got {e.every_images}")
+    for name in ("samples", "real_samples"):
+        if getattr(e, name) < 2:
+            raise ConfigError(f"eval.{name}: must be at least 2, got {getattr(e, name)}")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import builtin, checkpoint, data, dist, models, perf, storage, syncbn
+from . import builtin, checkpoint, data, dist, evalhook, models, perf, storage, syncbn
 from . import config as config_mod
 from .config import Config
 from .step import STAT_NAMES, CudaGraphStep, gan_step
@@ -132,6 +132,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
         log = RunLog(run_dir, cfg, total_steps * per_step, images_seen)
         if resume_from is not None:
             log.message(f"resumed from {resume_from} at {images_seen} images")
+    evaluator = evalhook.build(cfg, ctx)  # FID or coverage every eval.every_images, on rank 0; None when off
 
     stat_sum = torch.zeros(len(STAT_NAMES), device=device)
     steps_in_window, window_start = 0, time.perf_counter()
@@ -177,6 +178,9 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
             g.train()
             log.grid("samples/fixed_noise", grid, images_seen,
                      run_dir / "samples" / f"samples-{images_seen:012d}.png")
+
+        if evaluator is not None and crossed(cfg.eval.every_images):
+            evaluator(perf.base_module(G), perf.base_module(D), images_seen, log)
 
         if crossed(cfg.log.checkpoint_every_images):
             path = None
