@@ -1,8 +1,8 @@
 """Sample quality during training: FID or classifier coverage every eval.every_images, the best checkpoint kept.
 
 It runs on rank 0 between steps, only when its interval is crossed; the other ranks go on and wait for rank 0 in
-their next collective. The reference (the real set's FID statistics, or the coverage judge) is built once, at
-the first evaluation, and the samples come from the same latent draws every time, so scores move only with G.
+their next collective. The reference (the real set's FID statistics, or the coverage judge) is built once, before
+the first step, and the samples come from the same latent draws every time, so scores move only with G.
 DCGAN quality can decay late in training: checkpoints/best.pt keeps G and D at the best score so far (it holds
 no optimizer state; resuming still uses the newest ckpt-*.pt).
 """
@@ -35,13 +35,22 @@ class TrainingEval:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device, self.metric = cfg, device, cfg.eval.metric
-        self.shards = cfg.eval.shards or cfg.data.shards
         self.best_path = checkpoint.directory(cfg.run_dir) / BEST
         self.best = self._previous_best()
-        self.net = None
-        if self.metric == "fid":  # load now: a bad weights file fails at the start, not at the first evaluation
-            self.net = fid.load_inception(cfg.eval.inception_weights, cfg.eval.inception_dims, device)
-        self.reference = None
+        # The reference is built now, so that a bad weights file or unlabelled shards fail before training,
+        # not hours into it; the judge's seeded fit runs on a forked RNG so training's stays where it was.
+        e, m = cfg.eval, cfg.model
+        shards = e.shards or cfg.data.shards
+        self.first: dict[str, float] = {}  # logged with the first score
+        if self.metric == "fid":
+            self.net = fid.load_inception(e.inception_weights, e.inception_dims, device)
+            real = load_images(shards, m.resolution, m.channels, e.real_samples)
+            self.reference = fid.statistics(fid.inception_features(self.net, real))
+        else:
+            x, y = data.load_labelled(shards, m.resolution, m.channels, e.real_samples)
+            with torch.random.fork_rng(devices=[]):
+                self.judge, info = classifier.fit_with_holdout(x, y, device=device)
+            self.first["eval/coverage_judge_accuracy"] = info["heldout_accuracy"]  # how far to trust the judge
 
     def _previous_best(self) -> float | None:
         if not self.best_path.exists():
@@ -60,8 +69,8 @@ class TrainingEval:
             samples = generate(G, self.cfg, self.cfg.eval.samples, seed=self.cfg.train.seed + 1)
         finally:
             G.train()
-        with torch.random.fork_rng(devices=[]):  # the judge's seeded fit must not move training's RNG
-            values = self._fid(samples) if self.metric == "fid" else self._coverage(samples)
+        values = {**self.first, **(self._fid(samples) if self.metric == "fid" else self._coverage(samples))}
+        self.first = {}
         score = values[f"eval/{self.metric}"]
         log.scalars(images, values)
         if self.cfg.eval.keep_best and self._improves(score):
@@ -73,21 +82,10 @@ class TrainingEval:
         return values
 
     def _fid(self, samples: torch.Tensor) -> dict[str, float]:
-        e, m = self.cfg.eval, self.cfg.model
-        if self.reference is None:
-            real = load_images(self.shards, m.resolution, m.channels, e.real_samples)
-            self.reference = fid.statistics(fid.inception_features(self.net, real))
         fake = fid.statistics(fid.inception_features(self.net, samples))
         return {"eval/fid": fid.frechet_distance(*self.reference, *fake)}
 
     def _coverage(self, samples: torch.Tensor) -> dict[str, float]:
-        e, m = self.cfg.eval, self.cfg.model
-        values = {}
-        if self.reference is None:
-            x, y = data.load_labelled(self.shards, m.resolution, m.channels, e.real_samples)
-            self.reference, info = classifier.fit_with_holdout(x, y, device=self.device)
-            values["eval/coverage_judge_accuracy"] = info["heldout_accuracy"]  # logged once: the judge's credibility
-        cov = classifier.coverage(classifier.predict_proba(self.reference, samples))
-        values.update({"eval/coverage": cov["score"], "eval/coverage_entropy": cov["entropy"],
-                       "eval/coverage_confidence": cov["mean_confidence"]})
-        return values
+        cov = classifier.coverage(classifier.predict_proba(self.judge, samples))
+        return {"eval/coverage": cov["score"], "eval/coverage_entropy": cov["entropy"],
+                "eval/coverage_confidence": cov["mean_confidence"]}

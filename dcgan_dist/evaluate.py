@@ -252,7 +252,7 @@ def cmd_coverage(args, s: Subject, rep: Report) -> dict:
     cov = classifier.coverage(probs)
     conf, label = probs[:64].max(1)
     order = label.argsort(stable=True)
-    cells = [(samples[i], f"{int(label[i])} {float(conf[i]):.2f}") for i in order.tolist()]
+    cells = [(samples[i], f"{int(label[i])}: {float(conf[i]):.2f}") for i in order.tolist()]
     rep.picture("samples", labelgrid.render([cells[i:i + 8] for i in range(0, len(cells), 8)]))
     print("  shares: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(cov["shares"])))
     results = {"judge": judge_info, "seed": args.seed, **cov}

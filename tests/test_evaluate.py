@@ -4,6 +4,7 @@ evaluation run during training (TensorBoard scores, best checkpoint)."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,7 @@ def test_training_scores_coverage_and_keeps_the_best_checkpoint(mnist_shards, tm
         "eval.real_samples=500"])
     scores = _scalars(run, "eval/coverage")
     assert [step for step, _ in scores] == [160, 320]
-    (step, judge_accuracy), = _scalars(run, "eval/coverage_judge_accuracy")  # once, at the first evaluation
+    (step, judge_accuracy), = _scalars(run, "eval/coverage_judge_accuracy")  # once, with the first score
     assert step == 160 and 0.1 < judge_accuracy <= 1
     best = checkpoint.load(run / "checkpoints" / "best.pt")
     best_step, best_score = max(scores, key=lambda s: s[1])
@@ -204,8 +205,18 @@ def test_training_scores_fid_with_a_weights_file(mnist_shards, random_inception,
     assert saved["metric"] == "fid" and saved["images"] == 160 and saved["score"] == pytest.approx(score, rel=1e-5)
 
 
-def test_training_with_a_missing_weights_file_fails_before_the_first_step(mnist_shards, tmp_path):
+def test_training_with_a_missing_weights_file_or_labels_fails_before_the_first_step(mnist_shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         _train(mnist_shards, tmp_path / "run", width=8, images=160, batch=16, extra=[
             "eval.metric=fid", f"eval.inception_weights={tmp_path / 'missing.pth'}"])
     assert not (tmp_path / "run" / "checkpoints").exists()
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    with tarfile.open(next(Path(mnist_shards).glob("*.tar"))) as src, tarfile.open(unlabelled / "u.tar", "w") as dst:
+        for member in src.getmembers():
+            if not member.name.endswith(".cls"):
+                dst.addfile(member, src.extractfile(member))
+    with pytest.raises(ValueError, match="has no 'cls' label field"):
+        _train(mnist_shards, tmp_path / "run2", width=8, images=160, batch=16, extra=[
+            "eval.metric=coverage", f"eval.shards={unlabelled}"])
+    assert not (tmp_path / "run2" / "checkpoints").exists()
