@@ -256,20 +256,34 @@ def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
+def _load(spec: str, resolution: int, channels: int, limit: int | None, labelled: bool,
+          ) -> tuple[torch.Tensor, list[int]]:
+    images, labels = [], []
+    for url in resolve(spec).urls:
+        for sample in storage.tar_samples(url):
+            if limit is not None and len(images) >= limit:
+                break
+            where = f"{url}: sample {sample.get('__key__')!r}"
+            if labelled and "cls" not in sample:
+                raise ValueError(f"{where} has no 'cls' label field")
+            try:
+                images.append(decode_image(_image_field(sample), resolution, channels))
+            except Exception as err:
+                raise ValueError(f"{where}: {type(err).__name__}: {err}") from None
+            if labelled:
+                labels.append(int(sample["cls"].decode().strip()))
+    if not images:
+        raise ValueError(f"shard set {spec!r} holds no images")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), labels
+
+
+def load_images(spec: str, resolution: int, channels: int, limit: int | None = None) -> torch.Tensor:
+    """The images of a shard set, labelled or not, in shard order, as floats in [-1, 1] (N, C, H, W)."""
+    return _load(spec, resolution, channels, limit, labelled=False)[0]
+
+
 def load_labelled(spec: str, resolution: int, channels: int, limit: int | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of a shard set with a `cls` field, in shard order: (float images in [-1, 1], int64 labels)."""
-    shards = resolve(spec)
-    images, labels = [], []
-    for url in shards.urls:
-        for sample in storage.tar_samples(url):
-            if "cls" not in sample:
-                raise ValueError(f"{url}: sample {sample.get('__key__')!r} has no 'cls' label field")
-            images.append(decode_image(_image_field(sample), resolution, channels))
-            labels.append(int(sample["cls"].decode().strip()))
-            if limit is not None and len(images) >= limit:
-                break
-        if limit is not None and len(images) >= limit:
-            break
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x, labels = _load(spec, resolution, channels, limit, labelled=True)
     return x, torch.tensor(labels, dtype=torch.int64)

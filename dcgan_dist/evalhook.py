@@ -15,7 +15,6 @@ from torch import nn
 from . import checkpoint, classifier, data, dist, fid
 from . import config as config_mod
 from .config import Config
-from .evaluate import load_images
 from .sample import generate
 
 BEST = "best.pt"
@@ -44,7 +43,7 @@ class TrainingEval:
         self.first: dict[str, float] = {}  # logged with the first score
         if self.metric == "fid":
             self.net = fid.load_inception(e.inception_weights, e.inception_dims, device)
-            real = load_images(shards, m.resolution, m.channels, e.real_samples)
+            real = data.load_images(shards, m.resolution, m.channels, e.real_samples)
             self.reference = fid.statistics(fid.inception_features(self.net, real))
         else:
             x, y = data.load_labelled(shards, m.resolution, m.channels, e.real_samples)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from . import checkpoint, classifier, data, features, fid, labelgrid, latent, models, storage
+from . import checkpoint, classifier, data, features, fid, labelgrid, latent, models
 from .config import Config, from_dict
 from .sample import generate
 
@@ -55,22 +55,6 @@ def open_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Sub
     D.load_state_dict(state["D"])
     device = torch.device(device)
     return Subject(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval(), device)
-
-
-def load_images(spec: str, resolution: int, channels: int, limit: int | None = None) -> torch.Tensor:
-    """The images of any shard set, labelled or not, in shard order, as floats in [-1, 1]."""
-    images: list[np.ndarray] = []
-    for url in data.resolve(spec).urls:
-        for sample in storage.tar_samples(url):
-            if limit is not None and len(images) >= limit:
-                break
-            try:
-                images.append(data.decode_image(data._image_field(sample), resolution, channels))
-            except Exception as err:
-                raise ValueError(f"{url}: sample {sample.get('__key__')!r}: {type(err).__name__}: {err}") from None
-    if not images:
-        raise ValueError(f"shard set {spec!r} holds no images")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 @torch.no_grad()
@@ -210,7 +194,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096
 def cmd_nearest(args, s: Subject, rep: Report) -> dict:
     """Nearest training images of generated samples in pixel and D-feature space, against held-out real ones."""
     cfg = s.cfg
-    real = load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
+    real = data.load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
     if len(real) <= args.n:
         raise ValueError(f"--n {args.n}: the shard set has only {len(real)} images; the first --n are held out "
                          f"as the real baseline, so it needs more")
@@ -266,7 +250,7 @@ def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, d
     cfg = s.cfg
     net = fid.load_inception(args.inception_weights, args.dims, s.device)  # first: a missing file fails fast
     shards = args.shards or cfg.data.shards
-    real = load_images(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
+    real = data.load_images(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
     fake = generate(s.G, cfg, args.n, seed=args.seed, batch_size=args.batch_size)
     info = {"n_generated": len(fake), "n_real": len(real), "shards": shards, "dims": args.dims,
             "inception_weights": str(args.inception_weights), "seed": args.seed}
