@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 
 from . import checkpoint, classifier, data, features, fid, labelgrid, latent, models
 from .config import Config, from_dict
-from .sample import generate
+from .sample import decode, generate
 
 
 @dataclass
@@ -55,13 +55,6 @@ def open_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Sub
     D.load_state_dict(state["D"])
     device = torch.device(device)
     return Subject(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval(), device)
-
-
-@torch.no_grad()
-def decode(G: models.Generator, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """G(z) on the CPU for latent vectors z, in batches."""
-    device = next(G.parameters()).device
-    return torch.cat([G(z[i:i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])
 
 
 def tensor_grid(images: torch.Tensor, nrow: int) -> Image.Image:

@@ -23,11 +23,15 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 @torch.no_grad()
+def decode(g: models.Generator, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """G(z) on the CPU for latent vectors z, in batches."""
+    device = next(g.parameters()).device
+    return torch.cat([g(z[i:i + batch_size].to(device)).cpu() for i in range(0, len(z), batch_size)])
+
+
 def generate(g: models.Generator, cfg: Config, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
     """n samples in [-1, 1] on the CPU, from latent draws fixed by seed."""
-    device = next(g.parameters()).device
-    z = models.sample_z(n, cfg.model, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([g(z[i:i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)])
+    return decode(g, models.sample_z(n, cfg.model, generator=torch.Generator().manual_seed(seed)), batch_size)
 
 
 def main(argv=None) -> None:
