@@ -46,17 +46,23 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
 
+def _manifest_of(spec: str) -> str | None:
+    """The manifest a data.shards spec names, or None when it names shards directly."""
+    if storage.is_remote(spec) and spec.endswith("/"):
+        return spec + tarshards.MANIFEST  # a bucket prefix: its manifest names the shards, no listing
+    if os.path.isdir(spec):
+        path = os.path.join(spec, tarshards.MANIFEST)
+        return path if os.path.exists(path) else None  # without a manifest: glob the directory's tar files
+    return spec if spec.endswith(".json") else None
+
+
 def resolve(spec: str) -> ShardSet:
     """Turn data.shards (a directory, a manifest, brace patterns or URLs joined by '::') into a ShardSet."""
     spec = spec.strip()
     if not spec:
         raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
-    manifest_path = os.path.join(spec, tarshards.MANIFEST) if os.path.isdir(spec) else spec
-    if os.path.isdir(spec) and not os.path.exists(manifest_path):
-        manifest_path = ""  # a directory of shards without a manifest: glob its tar files below
-    if storage.is_remote(spec) and spec.endswith("/"):
-        manifest_path = spec + tarshards.MANIFEST  # a bucket prefix: its manifest names the shards, no listing
-    if manifest_path.endswith(".json"):
+    manifest_path = _manifest_of(spec)
+    if manifest_path is not None:
         if not storage.is_remote(manifest_path) and not os.path.exists(manifest_path):
             raise FileNotFoundError(f"data.shards: manifest {manifest_path} does not exist")
         manifest = tarshards.read_manifest(manifest_path)
@@ -115,7 +121,7 @@ class ShardStream(IterableDataset):
         self.read_options = {"retries": cfg.data.read_retries, "backoff": cfg.data.retry_backoff,
                              "timeout": cfg.data.io_timeout}
         self.streams = max(1, cfg.data.num_workers)
-        self.steps_per_pass = steps_per_pass(shards, cfg, world_size, explicit_size=cfg.data.size)
+        self.steps_per_pass = steps_per_pass(shards, cfg, world_size)
         self.start_step = start_step
 
     # -- which samples a virtual stream reads in one pass ---------------------------------------------------
@@ -216,7 +222,7 @@ class ShardStream(IterableDataset):
                 yield item
 
 
-def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int, explicit_size: int | None = None) -> int:
+def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
     """Steps each rank takes per pass: about one epoch of the data set, a multiple of the loader workers."""
     streams = max(1, cfg.data.num_workers)
     batch = cfg.train.batch_size
@@ -234,7 +240,7 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int, explicit_size
             raise ValueError(f"data.resample=false: a loader slot holds only {per_slot} samples, fewer than "
                              f"train.batch_size={batch}; use fewer ranks/workers or a smaller batch")
         return per_stream_batches * streams
-    size = explicit_size or shards.size
+    size = cfg.data.size or shards.size
     if not size:
         raise ValueError("the data set size is unknown: point data.shards at a manifest.json or set data.size")
     steps = max(1, math.ceil(size / (batch * world_size)))
