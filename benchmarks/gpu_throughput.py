@@ -23,7 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcgan_dist import data, perf, tarshards, train
+from dcgan_dist import pixels
+from dcgan_dist.data.shardset import resolve
+from dcgan_dist.data.stream import make_loader
+from dcgan_dist.shard import writer
+from dcgan_dist.train import perf
+from dcgan_dist.train.loop import train
 from train_step import baseline_step_fn, bench_config, our_step_fn, sync, time_steps
 
 MODES = {  # name -> perf overrides
@@ -56,22 +61,22 @@ def photo_shards(outdir: Path, n: int, resolution: int, per_shard: int = 1000) -
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=95)
         samples.append((f"photo-{i:06d}", {"jpg": buf.getvalue()}))
-    infos = [tarshards.write_shard(outdir / tarshards.shard_name("photos", k // per_shard),
+    infos = [writer.write_shard(outdir / writer.shard_name("photos", k // per_shard),
                                    samples[k:k + per_shard]) for k in range(0, n, per_shard)]
-    tarshards.write_manifest(outdir, infos, source="skimage.data photographs", options={})
+    writer.write_manifest(outdir, infos, source="skimage.data photographs", options={})
     return outdir
 
 
 def data_pipeline_rate(cfg, shards_dir: Path, batches: int) -> float:
     """Images/sec of the loader alone (decode, shuffle, batch, pinned copy to the device)."""
-    shards = data.resolve(str(shards_dir))
+    shards = resolve(str(shards_dir))
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
-    loader = iter(data.make_loader(shards, cfg, 0, 1, 0, pin_memory=device.type == "cuda"))
+    loader = iter(make_loader(shards, cfg, 0, 1, 0, pin_memory=device.type == "cuda"))
     for _ in range(max(4, cfg.data.num_workers * 2)):  # start-up and first fill of the shuffle buffers
         next(loader)
     t0 = time.perf_counter()
     for _ in range(batches):
-        x = data.to_float(next(loader)[0], device)
+        x = pixels.from_uint8(next(loader)[0], device)
     sync(device)
     del x
     return batches * cfg.train.batch_size / (time.perf_counter() - t0)
@@ -139,7 +144,7 @@ def main() -> None:
                                "data.shuffle_buffer=1000", f"train.images={e2e_images}",
                                f"log.every_images={e2e_images // 2}", f"log.sample_every_images={e2e_images}",
                                f"log.checkpoint_every_images={e2e_images}", f"run_dir={tmp}/run")
-        metrics = train.train(e2e_cfg)
+        metrics = train(e2e_cfg)
         rows.append(row(f"(d) end to end (train.py), {best[0]}, {args.workers} workers",
                         metrics["perf/images_per_sec"], "second half of the run"))
 

@@ -22,7 +22,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from dcgan_dist import builtin, config, data, storage
+from dcgan_dist import config
+from dcgan_dist.data import storage
+from dcgan_dist.data.shardset import ShardSet, resolve
+from dcgan_dist.data.stream import ShardStream
+from dcgan_dist.shard.run import builtin_shards
 
 
 def _free_port() -> int:
@@ -50,7 +54,7 @@ def _server(args: list[str], port: int):
         proc.wait(timeout=10)
 
 
-def _raw_read(shards: data.ShardSet) -> tuple[int, int, float]:
+def _raw_read(shards: ShardSet) -> tuple[int, int, float]:
     """(samples, bytes, seconds) for reading every shard front to back."""
     t0 = time.perf_counter()
     n = nbytes = 0
@@ -61,9 +65,9 @@ def _raw_read(shards: data.ShardSet) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - t0
 
 
-def _pipeline(shards: data.ShardSet, cfg) -> tuple[int, float]:
+def _pipeline(shards: ShardSet, cfg) -> tuple[int, float]:
     """(images, seconds) for one pass of the training input pipeline in this process."""
-    stream = data.ShardStream(shards, cfg, rank=0, world_size=1)
+    stream = ShardStream(shards, cfg, rank=0, world_size=1)
     t0 = time.perf_counter()
     n = 0
     for _, (images, _, _) in zip(range(stream.steps_per_pass), stream):
@@ -77,7 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remote-read-") as tmp:
-        _bench(Path(args.shards or builtin.ensure_shards("mnist5k", Path(tmp) / "mnist5k")), args.repeats)
+        _bench(Path(args.shards or builtin_shards("mnist5k", Path(tmp) / "mnist5k")), args.repeats)
 
 
 def _bench(local: Path, repeats: int) -> None:
@@ -99,7 +103,7 @@ def _bench(local: Path, repeats: int) -> None:
                    "S3 (moto), loopback": "s3://bench/shards/"}
         rows = {}
         for name, spec in sources.items():
-            shards = data.resolve(spec)
+            shards = resolve(spec)
             raw = min((_raw_read(shards) for _ in range(repeats)), key=lambda r: r[2])
             pipe = min((_pipeline(shards, cfg) for _ in range(repeats)), key=lambda r: r[1])
             rows[name] = (raw, pipe)

@@ -19,8 +19,11 @@ import time
 
 import torch
 
-from dcgan_dist import builtin, classifier, data, models
-from dcgan_dist.sample import generate, load_generator
+from dcgan_dist import models
+from dcgan_dist.checkpoint import load_networks
+from dcgan_dist.data.load import load_labelled
+from dcgan_dist.evaluate import classifier
+from dcgan_dist.shard.run import builtin_shards
 
 
 def main() -> None:
@@ -32,19 +35,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    g, cfg = load_generator(args.checkpoints[0])
-    shards = args.shards or str(builtin.ensure_shards("mnist5k", tempfile.mkdtemp(prefix="mnist5k-")))
-    x, y = data.load_labelled(shards, cfg.model.resolution, cfg.model.channels)
+    cfg = load_networks(args.checkpoints[0]).cfg
+    shards = args.shards or str(builtin_shards("mnist5k", tempfile.mkdtemp(prefix="mnist5k-")))
+    x, y = load_labelled(shards, cfg.model.resolution, cfg.model.channels)
     t0 = time.perf_counter()
     judge, held = classifier.fit_with_holdout(x, y)  # every 10th digit held out: the judge's own accuracy
     acc = held["heldout_accuracy"]
     fit_s = time.perf_counter() - t0
 
     torch.manual_seed(0)
-    rows = {"random-init G (baseline)": generate(models.build(cfg.model)[0].eval(), cfg, args.n, seed=1)}
+    rows = {"random-init G (baseline)": models.generate(models.build(cfg.model)[0].eval(), cfg.model, args.n, seed=1)}
     for path in args.checkpoints:
-        g, cfg = load_generator(path)
-        rows[path] = generate(g, cfg, args.n, seed=1)
+        nets = load_networks(path)
+        rows[path] = models.generate(nets.G, nets.cfg.model, args.n, seed=1)
     results = {name: classifier.coverage(classifier.predict_proba(judge, s)) for name, s in rows.items()}
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads")

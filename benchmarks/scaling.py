@@ -4,7 +4,7 @@ in collectives (DDP's gradient all-reduce and synchronised batchnorm's statistic
     python benchmarks/scaling.py [--config FILE] [--device auto] [--workers 1,2] [--steps 20] [key=value ...]
 
 Each row runs in fresh processes joined in a process group, as Ray Train starts its workers (gloo on the CPU, NCCL
-on GPUs, one GPU per worker), and times the step train() runs (train.build_nets + train.make_step: SyncBN
+on GPUs, one GPU per worker), and times the step train() runs (build_nets + make_step: SyncBN
 conversion, DDP) on random batches, so data loading is left out. The baseline is the 1-worker row of the same run.
 On the CPU each worker gets --threads threads (Ray's default trainer.cpus_per_worker=1 gives it one).
 
@@ -26,7 +26,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from dcgan_dist import config, dist, train
+from dcgan_dist import config
+from dcgan_dist.distributed import context as dist
+from dcgan_dist.train.nets import build_nets, make_step
 
 _SYNCBN_CALLS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single")
 
@@ -87,8 +89,8 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, args, results) -> No
     cfg = config.from_dict(cfg_dict)
     ctx = dist.init(cfg.train.device)
     device = ctx.device
-    nets = train.build_nets(cfg, ctx)
-    step = train.make_step(nets, cfg, ctx)
+    nets = build_nets(cfg, ctx)
+    step = make_step(nets, cfg, ctx)
     gen = torch.Generator(device=device).manual_seed(rank)
     shape = (cfg.train.batch_size, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
     real = torch.rand(shape, device=device, generator=gen).mul_(2).sub_(1)

@@ -26,8 +26,8 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from dcgan_dist import shard
-from dcgan_dist.shard_options import Options
+from dcgan_dist.shard import run as shard
+from dcgan_dist.shard.options import Options
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 

@@ -16,7 +16,11 @@ import time
 
 import torch
 
-from dcgan_dist import config, data, dist, perf, train
+from dcgan_dist import config, pixels
+from dcgan_dist.distributed import context as dist
+from dcgan_dist.train import perf
+from dcgan_dist.train.loop import z_for_step
+from dcgan_dist.train.nets import build_nets, make_step
 from examples_loop import Baseline
 
 
@@ -54,15 +58,15 @@ def host_batches(cfg, n: int = 4):
 def our_step_fn(cfg, device):
     """A closure running one of our training steps (as train.py does) on step index i."""
     ctx = dist.Context(0, 1, 0, device)
-    nets = train.build_nets(cfg, ctx)
-    step_fn = train.make_step(nets, cfg, ctx)
+    nets = build_nets(cfg, ctx)
+    step_fn = make_step(nets, cfg, ctx)
     fmt = perf.memory_format(cfg.perf.channels_last)
     u8, _ = host_batches(cfg)
     stats = torch.zeros(5, device=device)
 
     def step(i):
-        real = data.to_float(u8[i % len(u8)], device).contiguous(memory_format=fmt)
-        stats.add_(step_fn(real, train.z_for_step(cfg, i, 0, real.shape[0], device)))
+        real = pixels.from_uint8(u8[i % len(u8)], device).contiguous(memory_format=fmt)
+        stats.add_(step_fn(real, z_for_step(cfg, i, 0, real.shape[0], device)))
 
     return step
 

@@ -6,11 +6,14 @@ containers so that torch.load(weights_only=True) reads it without executing pick
 
 from __future__ import annotations
 
-import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import files, models
+from .config import Config, from_dict
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 
@@ -39,13 +42,8 @@ def latest(run_dir: str | Path) -> Path | None:
 def save(state: dict, path: str | Path, keep: int | None = None) -> Path:
     """Write state to path via a temporary file and an atomic rename; then keep only the newest `keep`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with files.atomic_open(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     if keep is not None:
         for old in list_checkpoints(path.parent.parent)[:-keep]:
             old.unlink(missing_ok=True)
@@ -76,3 +74,37 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Networks:
+    """A checkpoint's G and D, built from the config it was trained with, in eval mode on device."""
+    path: Path
+    cfg: Config
+    images: int
+    G: models.Generator
+    D: models.Discriminator
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.G.parameters()).device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
+
+
+def load_networks(path: str | Path, device: str | torch.device = "cpu") -> Networks:
+    """A checkpoint file, or a run directory's newest checkpoint, as G and D in eval mode (running statistics)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no checkpoints/ckpt-*.pt")
+        path = found
+    state = load(path)
+    cfg = from_dict(state["config"])
+    G, D = models.Generator(cfg.model), models.Discriminator(cfg.model)
+    G.load_state_dict(state["G"])
+    D.load_state_dict(state["D"])
+    return Networks(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval())

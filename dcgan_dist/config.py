@@ -87,7 +87,7 @@ class PerfConfig:
 
 @dataclass
 class EvalConfig:
-    """Sample quality measured during training (evalhook.py); docs/evaluate.md has the commands behind it."""
+    """Sample quality measured during training (evaluate/during_training.py); docs/evaluate.md has the commands behind it."""
     metric: Optional[str] = None  # null: off; "fid" (needs inception_weights) or "coverage" (needs `cls` labels)
     every_images: int = 20_000    # evaluate whenever this many more images have been seen, and at the end
     samples: int = 2_000          # generated samples per evaluation (the same latent draws every time)

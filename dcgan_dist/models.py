@@ -10,6 +10,8 @@ vector. D returns the logit; the sigmoid lives in the loss (BCE-with-logits is t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -100,3 +102,33 @@ def sample_z(n: int, cfg: ModelConfig, device=None, generator: torch.Generator |
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def base_module(module: nn.Module, keep_compiled: bool = False) -> nn.Module:
+    """The network under a DDP wrapper and, unless keep_compiled, under torch.compile's: the one saved."""
+    module = getattr(module, "module", module)
+    return module if keep_compiled else getattr(module, "_orig_mod", module)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Sample with running batchnorm statistics, then restore the module's mode: no side effect on training."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def decode(g: nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """G(z) for latent vectors z, in batches on G's device; the images come back on the CPU."""
+    device = next(g.parameters()).device
+    return torch.cat([g(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(z), batch_size)])
+
+
+def generate(g: nn.Module, cfg: ModelConfig, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+    """n samples in [-1, 1] on the CPU, from latent draws fixed by seed."""
+    return decode(g, sample_z(n, cfg, generator=torch.Generator().manual_seed(seed)), batch_size)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcgan_dist import builtin, config
+from dcgan_dist import config
+from dcgan_dist.shard.run import builtin_shards
 
 
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory):
     """The real MNIST-5k digits as tar shards + manifest (10 shards of 500), written by the project's writer."""
-    return builtin.ensure_shards("mnist5k", tmp_path_factory.mktemp("mnist5k"))
+    return builtin_shards("mnist5k", tmp_path_factory.mktemp("mnist5k"))
 
 
 @pytest.fixture

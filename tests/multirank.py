@@ -23,7 +23,7 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # the machine's cores are shared by every rank
-    from dcgan_dist import dist
+    from dcgan_dist.distributed import context as dist
 
     dist.init("cpu")
     try:

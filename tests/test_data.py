@@ -8,7 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan_dist import config, data, tarshards
+from dcgan_dist import config, pixels
+from dcgan_dist.data import stream
+from dcgan_dist.data.shardset import resolve
+from dcgan_dist.shard import writer
 
 
 def _take(loader, n):
@@ -21,11 +24,11 @@ def _cfg(mnist_shards, *extra):
 
 
 def test_resolve_directory_manifest_and_pattern(mnist_shards):
-    by_dir = data.resolve(str(mnist_shards))
+    by_dir = resolve(str(mnist_shards))
     assert len(by_dir.urls) == 10 and by_dir.size == 5000
-    assert data.resolve(str(mnist_shards / "manifest.json")).urls == by_dir.urls
+    assert resolve(str(mnist_shards / "manifest.json")).urls == by_dir.urls
     pattern = str(mnist_shards / "mnist5k-{000000..000009}.tar")
-    assert data.resolve(pattern).urls == by_dir.urls and data.resolve(pattern).size is None
+    assert resolve(pattern).urls == by_dir.urls and resolve(pattern).size is None
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -35,51 +38,51 @@ def test_resolve_directory_manifest_and_pattern(mnist_shards):
 ])
 def test_resolve_errors_name_the_spec(spec, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        data.resolve(spec)
+        resolve(spec)
 
 
 def test_empty_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        data.resolve(str(tmp_path))
+        resolve(str(tmp_path))
 
 
 def test_batches_shape_range_and_pass_length(mnist_shards):
     cfg = _cfg(mnist_shards, "data.num_workers=0")
-    stream = data.ShardStream(data.resolve(cfg.data.shards), cfg, rank=0, world_size=1)
-    assert stream.steps_per_pass == 157  # ceil(5000 / 32)
-    images, skipped, bad = next(iter(stream))
+    batches = stream.ShardStream(resolve(cfg.data.shards), cfg, rank=0, world_size=1)
+    assert batches.steps_per_pass == 157  # ceil(5000 / 32)
+    images, skipped, bad = next(iter(batches))
     assert images.shape == (32, 32, 32, 1) and images.dtype == torch.uint8  # NHWC
     assert (skipped, bad) == (0, 0)
-    x = data.to_float(images, torch.device("cpu"))
+    x = pixels.from_uint8(images, torch.device("cpu"))
     assert x.shape == (32, 1, 32, 32) and torch.equal(x[3, 0], images[3, :, :, 0].float() / 127.5 - 1)
     assert x.min() >= -1 and x.max() <= 1 and x.max() == 1 and x.min() == -1  # digits: black and white pixels
 
 
 def test_ranks_take_identical_step_counts(mnist_shards):
     cfg = _cfg(mnist_shards, "data.num_workers=2")
-    shards = data.resolve(cfg.data.shards)
-    counts = {data.ShardStream(shards, cfg, r, 3).steps_per_pass for r in range(3)}
+    shards = resolve(cfg.data.shards)
+    counts = {stream.ShardStream(shards, cfg, r, 3).steps_per_pass for r in range(3)}
     assert len(counts) == 1 and counts.pop() % 2 == 0  # same on every rank, a multiple of the loader workers
 
 
 def test_resume_sees_exactly_the_same_batches(mnist_shards):
     """Batches from a loader restarted at step k equal steps k.. of an uninterrupted loader (2 workers)."""
     cfg = _cfg(mnist_shards, "data.num_workers=2")
-    shards = data.resolve(cfg.data.shards)
-    spp = data.steps_per_pass(shards, cfg, 1)
-    full = _take(data.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp + 6)
+    shards = resolve(cfg.data.shards)
+    spp = stream.steps_per_pass(shards, cfg, 1)
+    full = _take(stream.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp + 6)
     for k in (3, spp - 1, spp + 1):  # mid-pass at an odd offset, just before and just after a pass boundary
-        resumed = _take(data.make_loader(shards, cfg, 0, 1, start_step=k, pin_memory=False), 4)
+        resumed = _take(stream.make_loader(shards, cfg, 0, 1, start_step=k, pin_memory=False), 4)
         for (a, _, _), (b, _, _) in zip(full[k:k + 4], resumed):
             assert torch.equal(a, b)
     assert not torch.equal(full[0][0], full[1][0])
 
 
 def test_same_seed_same_stream_other_seed_other_stream(mnist_shards):
-    shards = data.resolve(str(mnist_shards))
-    a = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
-    b = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
-    c = next(iter(data.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0", "train.seed=1"), 0, 1)))[0]
+    shards = resolve(str(mnist_shards))
+    a = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
+    b = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
+    c = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0", "train.seed=1"), 0, 1)))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -95,11 +98,11 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     samples = [("truncated", {"jpg": good[0][: len(good[0]) // 3]}), ("garbage", {"png": b"not a png"}),
                ("empty", {"jpg": b""}), ("nofield", {"txt": b"hello"})]  # first, so the first batch meets them
     samples += [(f"good{i}", {"jpg": g}) for i, g in enumerate(good)]
-    info = tarshards.write_shard(tmp_path / "mixed-000000.tar", samples)
-    tarshards.write_manifest(tmp_path, [info], source="test", options={})
+    info = writer.write_shard(tmp_path / "mixed-000000.tar", samples)
+    writer.write_manifest(tmp_path, [info], source="test", options={})
     cfg = config.load(None, [f"data.shards={tmp_path}", "model.resolution=32", "model.channels=3",
                              "train.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=1"])
-    images, skipped, bad = next(iter(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1)))
+    images, skipped, bad = next(iter(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1)))
     assert images.shape == (6, 32, 32, 3)  # 48x64 images centre-cropped and resized to 32x32
     assert skipped == 4 and bad == 0
 
@@ -112,7 +115,7 @@ def test_unreadable_shard_is_skipped_and_counted(tmp_path, mnist_shards):
     cfg = config.load(None, [f"data.shards={tmp_path}/a-{{000000..000001}}.tar", "data.size=500",
                              "model.resolution=32", "model.channels=1", "train.batch_size=50",
                              "data.num_workers=0", "data.shuffle_buffer=10"])
-    batches = _take(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1), 10)
+    batches = _take(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1), 10)
     assert sum(b for _, _, b in batches) >= 1
     assert all(x.shape == (50, 32, 32, 1) for x, _, _ in batches)
 
@@ -122,4 +125,4 @@ def test_no_readable_shard_is_an_error_not_a_hang(tmp_path):
     cfg = config.load(None, [f"data.shards={tmp_path}", "data.size=10", "train.batch_size=2",
                              "data.num_workers=0"])
     with pytest.raises(RuntimeError, match="no readable sample"):
-        next(iter(data.ShardStream(data.resolve(cfg.data.shards), cfg, 0, 1)))
+        next(iter(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1)))

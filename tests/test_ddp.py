@@ -9,8 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcgan_dist import config, data, dist, models, tarshards, train
-from dcgan_dist.step import unwrap
+from dcgan_dist import config, models
+from dcgan_dist.data import stream
+from dcgan_dist.data.load import load_labelled
+from dcgan_dist.data.shardset import resolve
+from dcgan_dist.distributed import context as dist
+from dcgan_dist.models import base_module
+from dcgan_dist.shard import writer
+from dcgan_dist.train.nets import build_nets, make_step
 from multirank import run_ranks
 
 PER_RANK, STEPS = 4, 3
@@ -22,7 +28,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 def _inputs(cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """STEPS global batches of real MNIST digits and latent vectors: (STEPS, 2 x PER_RANK, ...)."""
-    images, _ = data.load_labelled(cfg.data.shards, cfg.model.resolution, cfg.model.channels,
+    images, _ = load_labelled(cfg.data.shards, cfg.model.resolution, cfg.model.channels,
                                    limit=STEPS * 2 * PER_RANK)
     z = models.sample_z(STEPS * 2 * PER_RANK, cfg.model, generator=torch.Generator().manual_seed(7))
     return (images.to(dtype).view(STEPS, 2 * PER_RANK, *images.shape[1:]),
@@ -32,15 +38,15 @@ def _inputs(cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(cfg, ctx: dist.Context, dtype) -> dict:
     """STEPS steps built as train() builds them (SyncBN conversion, DDP options) on this rank's rows of each batch;
     the final G and D states and the initial ones."""
-    nets = train.build_nets(cfg, ctx)
+    nets = build_nets(cfg, ctx)
     for net in (nets.G, nets.D):
         net.to(dtype)  # in place: the optimizers keep their parameters
     initial = {"G": copy.deepcopy(nets.G.state_dict()), "D": copy.deepcopy(nets.D.state_dict())}
-    step = train.make_step(nets, cfg, ctx)
+    step = make_step(nets, cfg, ctx)
     rows = slice(ctx.rank * PER_RANK, (ctx.rank + 1) * PER_RANK) if ctx.distributed else slice(None)
     for real, z in zip(*_inputs(cfg, dtype)):
         step(real[rows], z[rows])
-    return {"G": unwrap(nets.G).state_dict(), "D": unwrap(nets.D).state_dict(), "initial": initial}
+    return {"G": base_module(nets.G).state_dict(), "D": base_module(nets.D).state_dict(), "initial": initial}
 
 
 def _ddp_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
@@ -80,16 +86,16 @@ def _write_numbered_shards(outdir, sizes) -> None:
     infos, first = [], 0
     for k, size in enumerate(sizes):
         samples = [(f"s{i:05d}", {"png": _id_image(i)}) for i in range(first, first + size)]
-        infos.append(tarshards.write_shard(outdir / tarshards.shard_name("ids", k), samples))
+        infos.append(writer.write_shard(outdir / writer.shard_name("ids", k), samples))
         first += size
-    tarshards.write_manifest(outdir, infos, source="test:numbered", options={})
+    writer.write_manifest(outdir, infos, source="test:numbered", options={})
 
 
 def _data_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
     cfg = config.from_dict(cfg_dict)
-    shards = data.resolve(cfg.data.shards)
-    per_pass = data.steps_per_pass(shards, cfg, world_size)
-    loader = data.make_loader(shards, cfg, rank, world_size, start_step=0, pin_memory=False)
+    shards = resolve(cfg.data.shards)
+    per_pass = stream.steps_per_pass(shards, cfg, world_size)
+    loader = stream.make_loader(shards, cfg, rank, world_size, start_step=0, pin_memory=False)
     ids, steps = [], 0
     for images, _, _ in loader:
         # The collective every training step makes: a rank that ran out of batches would hang the other here.

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import checkpoint, config, evaluate, train
-from dcgan_dist.evaluate import main
+from dcgan_dist import checkpoint, config
+from dcgan_dist.evaluate.cli import main
+from dcgan_dist.evaluate.commands import nearest
+from dcgan_dist.train.loop import train
 
 
 def _train(shards, run_dir, width: int, images: int, batch: int, extra=()) -> Path:
@@ -23,7 +25,7 @@ def _train(shards, run_dir, width: int, images: int, batch: int, extra=()) -> Pa
         "train.device=cpu", f"log.every_images={images}", f"log.sample_every_images={images}",
         f"log.checkpoint_every_images={images}", "log.grid_size=16", f"run_dir={run_dir}", *extra,
     ])
-    train.train(cfg)
+    train(cfg)
     return Path(run_dir)
 
 
@@ -88,7 +90,7 @@ def test_trained_discriminator_features_beat_a_random_discriminator(trained_run,
 
 def test_nearest_finds_exact_matches_across_chunks():
     bank = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
-    dist, idx = evaluate.nearest(bank[[3, 41, 17]], bank, k=3, chunk=8)
+    dist, idx = nearest(bank[[3, 41, 17]], bank, k=3, chunk=8)
     assert idx[:, 0].tolist() == [3, 41, 17] and torch.allclose(dist[:, 0], torch.zeros(3), atol=1e-3)
     full = torch.cdist(bank[[3, 41, 17]], bank).topk(3, largest=False)
     assert torch.equal(idx, full.indices) and torch.allclose(dist, full.values, atol=1e-5)
@@ -138,7 +140,7 @@ def test_fid_and_kid_end_to_end_with_a_random_inception(trained_run, mnist_shard
 
 
 def test_standard_2048_pool_features_from_the_weights_file(random_inception):
-    from dcgan_dist import fid
+    from dcgan_dist.evaluate import fid
 
     net = fid.load_inception(random_inception, 2048)
     feats = fid.inception_features(net, torch.rand(2, 1, 32, 32) * 2 - 1)

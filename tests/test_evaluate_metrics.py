@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from dcgan_dist import classifier, fid, latent
+from dcgan_dist.evaluate import classifier, fid, latent
 
 
 def _random_cov(d: int, seed: int) -> torch.Tensor:

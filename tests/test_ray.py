@@ -111,7 +111,8 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
     group from that checkpoint (FailureConfig) and the run ends at exactly train.images."""
     from ray.util.state import list_actors
 
-    from dcgan_dist import launch
+    from dcgan_dist.distributed import ray_launch
+    from dcgan_dist.train.loop import train
 
     cluster, _ = two_nodes
     cfg = tiny_cfg
@@ -125,7 +126,7 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
 
     def fit():
         try:
-            outcome["result"] = launch.run(cfg)
+            outcome["result"] = ray_launch.run(cfg, train)
         except BaseException as err:  # reported by the main thread
             outcome["error"] = err
 

@@ -17,8 +17,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import checkpoint, data, shard, shard_output, storage, tarshards
-from dcgan_dist.train import train
+from dcgan_dist import checkpoint
+from dcgan_dist.data import storage
+from dcgan_dist.data.load import load_labelled
+from dcgan_dist.data.manifest import MANIFEST, read_manifest
+from dcgan_dist.data.shardset import resolve
+from dcgan_dist.shard import output as shard_output
+from dcgan_dist.shard import writer
+from dcgan_dist.shard.cli import main as shard_main
+from dcgan_dist.train.loop import train
 
 N_SHARDS, PER_SHARD = 8, 32
 
@@ -37,12 +44,12 @@ def small_shards(mnist_shards, tmp_path_factory) -> Path:
     """The first 256 real MNIST digits re-written as 8 shards of 32 + manifest: small enough that a short run
     reads every shard, so a faulty one is always met."""
     out = tmp_path_factory.mktemp("small_shards")
-    first = data.resolve(str(mnist_shards)).urls[0]
+    first = resolve(str(mnist_shards)).urls[0]
     samples = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
                for s in itertools.islice(storage.tar_samples(first), N_SHARDS * PER_SHARD)]
-    infos = [tarshards.write_shard(out / tarshards.shard_name("digits", k), samples[k * PER_SHARD:(k + 1) * PER_SHARD])
+    infos = [writer.write_shard(out / writer.shard_name("digits", k), samples[k * PER_SHARD:(k + 1) * PER_SHARD])
              for k in range(N_SHARDS)]
-    tarshards.write_manifest(out, infos, source="test", options={})
+    writer.write_manifest(out, infos, source="test", options={})
     return out
 
 
@@ -139,7 +146,7 @@ def reference_g(tiny_cfg, small_shards, local_run):
 
 def test_cut_connections_are_retried_and_resume_on_the_same_sample(small_shards, tiny_cfg, tmp_path, capfd,
                                                                      reference_g):
-    names = [tarshards.shard_name("digits", k) for k in range(N_SHARDS)]
+    names = [writer.shard_name("digits", k) for k in range(N_SHARDS)]
     with ShardServer(small_shards, cut={n: 1 for n in names}) as srv:
         local = [s["__key__"] for s in storage.tar_samples(str(small_shards / names[0]))]
         remote = [s["__key__"] for s in storage.tar_samples(srv.url + names[0], backoff=0.01)]
@@ -154,10 +161,10 @@ def test_cut_connections_are_retried_and_resume_on_the_same_sample(small_shards,
 
 
 def test_missing_and_stalled_shards_are_skipped_and_counted(small_shards, tiny_cfg, tmp_path, capfd):
-    missing, stalled = tarshards.shard_name("digits", 2), tarshards.shard_name("digits", 5)
+    missing, stalled = writer.shard_name("digits", 2), writer.shard_name("digits", 5)
     with ShardServer(small_shards, missing=[missing], stall=[stalled], stall_s=1.5) as srv:
         t0 = time.perf_counter()
-        metrics = train(_cfg(tiny_cfg, srv.url + tarshards.MANIFEST, tmp_path / "run",
+        metrics = train(_cfg(tiny_cfg, srv.url + MANIFEST, tmp_path / "run",
                              io_timeout=0.3, read_retries=1))
         elapsed = time.perf_counter() - t0
     err = capfd.readouterr().err
@@ -180,7 +187,7 @@ def test_unreachable_store_is_a_clear_error_at_start_up(monkeypatch):
                              f"cannot reach http://127.0.0.1:{port}/digits-000000.tar")):
             t0 = time.perf_counter()
             with pytest.raises(ValueError, match=re.escape(match)):
-                data.resolve(spec)
+                resolve(spec)
             assert time.perf_counter() - t0 < 20, spec
 
 
@@ -221,9 +228,9 @@ def s3_bucket(small_shards):
 
 
 def test_train_from_s3_and_resume(s3_bucket, tiny_cfg, tmp_path, reference_g):
-    shards = data.resolve(s3_bucket)
-    assert shards.urls[0] == s3_bucket + tarshards.shard_name("digits", 0) and shards.size == N_SHARDS * PER_SHARD
-    assert data.resolve("s3://shards/digits/digits-{000000..000007}.tar").urls == shards.urls
+    shards = resolve(s3_bucket)
+    assert shards.urls[0] == s3_bucket + writer.shard_name("digits", 0) and shards.size == N_SHARDS * PER_SHARD
+    assert resolve("s3://shards/digits/digits-{000000..000007}.tar").urls == shards.urls
 
     run = tmp_path / "run"
     first = _cfg(tiny_cfg, s3_bucket, run)
@@ -234,22 +241,22 @@ def test_train_from_s3_and_resume(s3_bucket, tiny_cfg, tmp_path, reference_g):
     assert _same_weights(_final_g(run), reference_g)
 
     # evaluate's labelled loader reads through the same resolve and reader
-    images, labels = data.load_labelled(s3_bucket, resolution=32, channels=1, limit=40)
+    images, labels = load_labelled(s3_bucket, resolution=32, channels=1, limit=40)
     assert images.shape == (40, 1, 32, 32) and labels.shape == (40,)
 
 
 def test_missing_bucket_is_a_clear_error(s3_bucket):
     with pytest.raises(ValueError, match="s3://no-such-bucket/digits/manifest.json"):
-        data.resolve("s3://no-such-bucket/digits/")
+        resolve("s3://no-such-bucket/digits/")
 
 
 def test_shard_tool_writes_to_s3_and_a_rerun_skips_uploaded_shards(s3_bucket, small_shards, tmp_path, monkeypatch):
     src = tmp_path / "digits"
     src.mkdir()
-    for sample in itertools.islice(storage.tar_samples(str(small_shards / tarshards.shard_name("digits", 0))), 30):
+    for sample in itertools.islice(storage.tar_samples(str(small_shards / writer.shard_name("digits", 0))), 30):
         (src / f"{sample['__key__']}.png").write_bytes(sample["png"])
     args = ["--shard-size", "8", "--format", "png", "--keep-size", "--workers", "1", "--quiet"]
-    assert shard.main([str(src), str(tmp_path / "local"), *args]) == 0
+    assert shard_main([str(src), str(tmp_path / "local"), *args]) == 0
     dest = "s3://shards/from-tool/"
 
     fs, _ = storage.filesystem(dest)
@@ -258,21 +265,21 @@ def test_shard_tool_writes_to_s3_and_a_rerun_skips_uploaded_shards(s3_bucket, sm
                                                                      real_put(lpath, rpath, **kw))[1])
 
     def killed_before_third_record(self, name, data):
-        if name.endswith(tarshards.shard_name("digits", 2) + ".json"):
+        if name.endswith(writer.shard_name("digits", 2) + ".json"):
             raise KeyboardInterrupt  # the shard is uploaded, its progress record never written
         real_write(self, name, data)
 
     monkeypatch.setattr(shard_output.BucketDir, "write_bytes", killed_before_third_record)
     with pytest.raises(KeyboardInterrupt):
-        shard.main([str(src), dest, *args])
-    assert uploads == [tarshards.shard_name("digits", k) for k in range(3)]
+        shard_main([str(src), dest, *args])
+    assert uploads == [writer.shard_name("digits", k) for k in range(3)]
 
     monkeypatch.setattr(shard_output.BucketDir, "write_bytes", real_write)
     uploads.clear()
-    assert shard.main([str(src), dest, *args]) == 0
+    assert shard_main([str(src), dest, *args]) == 0
     # Shards 0-1 kept by their progress records, shard 2 found in the bucket with a matching checksum.
-    assert uploads == [tarshards.shard_name("digits", 3), tarshards.MANIFEST]
+    assert uploads == [writer.shard_name("digits", 3), MANIFEST]
 
-    remote = tarshards.read_manifest(dest + tarshards.MANIFEST)
-    assert remote["shards"] == tarshards.read_manifest(tmp_path / "local" / tarshards.MANIFEST)["shards"]
-    assert data.resolve(dest).size == 30 and not fs.exists("shards/from-tool/.progress")
+    remote = read_manifest(dest + MANIFEST)
+    assert remote["shards"] == read_manifest(tmp_path / "local" / MANIFEST)["shards"]
+    assert resolve(dest).size == 30 and not fs.exists("shards/from-tool/.progress")

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from dcgan_dist import data, shard
-from dcgan_dist.shard_options import Options
+from dcgan_dist.data.images import decode_image
+from dcgan_dist.data.shardset import resolve
+from dcgan_dist.shard import run as shard
+from dcgan_dist.shard.cli import main as shard_main
+from dcgan_dist.shard.options import Options
 
 import shard_data
 
@@ -57,9 +60,9 @@ def test_lsun_lmdb_of_webp_streams_in_key_order_into_readable_shards(tmp_path, i
 
     loaded = list(wds.WebDataset(str(tmp_path / "out" / names[0]), shardshuffle=False).decode("rgb8"))
     assert len(loaded) == 10 and loaded[0]["jpg"].shape == (64, 64, 3)
-    shards = data.resolve(str(tmp_path / "out"))  # what the trainer does with the directory
+    shards = resolve(str(tmp_path / "out"))  # what the trainer does with the directory
     assert shards.counts == [10, 10, 5]
-    assert data.decode_image(samples[0]["jpg"], 64, 3).shape == (64, 64, 3)
+    assert decode_image(samples[0]["jpg"], 64, 3).shape == (64, 64, 3)
 
 
 def test_folder_recursive_with_broken_files_skips_counts_and_lists_them(tmp_path, folder):
@@ -135,7 +138,7 @@ def test_builtin_sets(tmp_path, mnist_shards):
     assert shard_data.decode(sample["png"]).shape == (32, 32)  # greyscale stays greyscale
     assert sample["meta"] == {"source_id": "lfw-faces/0", "orig_size": [25, 25]}
 
-    # builtin.ensure_shards (the trainer's default data) goes through the same tool: 10 mixed shards of 500
+    # shard.builtin_shards (the trainer's default data) goes through the same tool: 10 mixed shards of 500
     mnist = json.loads((mnist_shards / "manifest.json").read_text())
     assert [s["count"] for s in mnist["shards"]] == [500] * 10 and mnist["options"]["format"] == "png"
     first = shard_data.read_shards(mnist_shards)[:500]
@@ -145,7 +148,7 @@ def test_builtin_sets(tmp_path, mnist_shards):
 
 def test_errors_exit_non_zero_with_a_clear_message(tmp_path, capsys):
     def fails(*argv):
-        assert shard.main([*map(str, argv), "--quiet"]) == 1
+        assert shard_main([*map(str, argv), "--quiet"]) == 1
         return capsys.readouterr().err
 
     assert "source " + str(tmp_path / "missing") + " does not exist" in fails(tmp_path / "missing", tmp_path / "o")
@@ -163,7 +166,7 @@ def test_errors_exit_non_zero_with_a_clear_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "holds no file" in fails(tmp_path / "empty", tmp_path / "o3")
     with pytest.raises(SystemExit):
-        shard.main([str(broken), str(tmp_path / "o4"), "--quality", "0"])
+        shard_main([str(broken), str(tmp_path / "o4"), "--quality", "0"])
     assert "--quality must be between 1 and 100" in capsys.readouterr().err
 
 
@@ -174,13 +177,13 @@ def test_rerun_of_a_finished_set_is_a_no_op_and_other_options_are_refused(tmp_pa
     out = tmp_path / "out"
     first = shard.run(str(tmp_path / "in"), out, Options(), progress=False)
     assert shard.run(str(tmp_path / "in"), out, Options(), progress=False) == first
-    assert shard.main([str(tmp_path / "in"), str(out), "--quality", "80", "--quiet"]) == 1
+    assert shard_main([str(tmp_path / "in"), str(out), "--quality", "80", "--quiet"]) == 1
     assert "another options quality" in capsys.readouterr().err
 
 
 def test_command_line_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
-        shard.main(["--help"])
+        shard_main(["--help"])
     help_text = capsys.readouterr().out
     for option in ("--resolution", "--keep-size", "--format", "--quality", "--shard-size", "--prefix", "--shuffle",
                    "--faces", "--min-face", "--face-margin", "--dedup", "--dedup-fit", "--dedup-radius",

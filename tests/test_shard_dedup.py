@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from dcgan_dist import shard
-from dcgan_dist.shard_options import Options
-from dcgan_dist.tarshards import file_sha256
+from dcgan_dist.data.manifest import file_sha256
+from dcgan_dist.shard import run as shard
+from dcgan_dist.shard.options import Options
 
 import shard_data
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import skimage.data
 
-from dcgan_dist import imageops, shard
-from dcgan_dist.shard_options import Options
+from dcgan_dist.data import images as imageops
+from dcgan_dist.shard import run as shard
+from dcgan_dist.shard.cli import main as shard_main
+from dcgan_dist.shard.options import Options
 
 import shard_data
 
@@ -46,5 +48,5 @@ def test_keep_size_crops_at_native_resolution_and_min_face_filters(tmp_path, pho
     side = sample["meta"]["crop"][2]
     assert side == max(sample["meta"]["box"][2:]) and shard_data.decode(sample["jpg"]).shape == (side, side, 3)
 
-    assert shard.main([str(photos), str(tmp_path / "none"), "--faces", "--min-face", "200", "--quiet"]) == 1
+    assert shard_main([str(photos), str(tmp_path / "none"), "--faces", "--min-face", "200", "--quiet"]) == 1
     assert "3 had no face" in capsys.readouterr().err

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from dcgan_dist import shard
-from dcgan_dist.shard_options import Options
+from dcgan_dist.shard import run as shard
+from dcgan_dist.shard.cli import main as shard_main
+from dcgan_dist.shard.options import Options
 
 import shard_data
 
@@ -30,7 +31,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
         (src / f"{k:04d}-copy.jpg").write_bytes((src / f"{k - 7:04d}.jpg").read_bytes())
     args = ["--shard-size", "10", "--dedup", "exact", "--format", "png"]
     reference = tmp_path / "reference"
-    shard.main([str(src), str(reference), *args, "--workers", "1", "--quiet"])
+    shard_main([str(src), str(reference), *args, "--workers", "1", "--quiet"])
 
     out = tmp_path / "out"
     command = [sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), *args, "--workers", "2", "--quiet"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcgan_dist import models, syncbn
+from dcgan_dist import models
+from dcgan_dist.distributed import syncbn
 from multirank import run_ranks
 
 C, PER_RANK = 6, 4

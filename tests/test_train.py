@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import checkpoint, config, train
-from dcgan_dist.step import STAT_NAMES
+from dcgan_dist import checkpoint, config
+from dcgan_dist.train.loop import train
+from dcgan_dist.train.step import STAT_NAMES
 
 
 def _events(run_dir):
@@ -22,7 +23,7 @@ def _events(run_dir):
 
 
 def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
-    metrics = train.train(tiny_cfg)
+    metrics = train(tiny_cfg)
     run = Path(tiny_cfg.run_dir)
     acc = _events(run)
     tags = acc.Tags()
@@ -52,15 +53,15 @@ def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
 def test_keep_last_k_checkpoints(tiny_cfg):
     tiny_cfg.log.checkpoint_every_images = 64
     tiny_cfg.log.keep_checkpoints = 2
-    train.train(tiny_cfg)
+    train(tiny_cfg)
     assert [p.name for p in checkpoint.list_checkpoints(tiny_cfg.run_dir)] == ["ckpt-000000000256.pt",
                                                                                "ckpt-000000000320.pt"]
 
 
 def test_rerun_of_finished_run_resumes_and_does_nothing(tiny_cfg):
-    train.train(tiny_cfg)
+    train(tiny_cfg)
     before = checkpoint.latest(tiny_cfg.run_dir).stat().st_mtime_ns
-    metrics = train.train(tiny_cfg)
+    metrics = train(tiny_cfg)
     assert metrics == {} and checkpoint.latest(tiny_cfg.run_dir).stat().st_mtime_ns == before
 
 
@@ -107,7 +108,7 @@ def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
 
 
 def test_sample_cli_writes_grid_and_npz(tiny_cfg, tmp_path):
-    train.train(tiny_cfg)
+    train(tiny_cfg)
     ckpt = checkpoint.latest(tiny_cfg.run_dir)
     out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
     r = subprocess.run([sys.executable, "-m", "dcgan_dist.sample", str(ckpt), "--n", "10", "--out", str(out),

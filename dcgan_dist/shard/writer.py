@@ -1,33 +1,22 @@
 """Writing WebDataset tar shards and their manifest: the one shard writer that every producer uses.
 
 Shards are deterministic (fixed tar metadata, samples in the order given) so the same input gives byte-identical
-files, and atomic: a shard is written under a temporary name and renamed when complete, so a file with a final
-name is always a whole shard.
+files, and atomic (files.atomic_open): a file with a final name is always a whole shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from . import storage
+from .. import __version__, files
+from ..data.manifest import FORMAT_VERSION, MANIFEST, ShardInfo
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 _KEY_OK = re.compile(r"[^A-Za-z0-9_\-]")
-
-
-@dataclass
-class ShardInfo:
-    name: str
-    count: int
-    bytes: int
-    sha256: str
 
 
 def safe_key(key: str) -> str:
@@ -41,14 +30,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encode_sample(key: str, fields: dict[str, bytes]) -> bytes:
@@ -68,9 +49,8 @@ def encode_sample(key: str, fields: dict[str, bytes]) -> bytes:
 def write_encoded_shard(path: Path, samples: list[bytes]) -> ShardInfo:
     """Write one shard atomically from encode_sample() outputs, in the order given, hashing as it writes."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     digest, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
+    with files.atomic_open(path) as f:
         for chunk in samples:
             f.write(chunk)
             digest.update(chunk)
@@ -79,9 +59,6 @@ def write_encoded_shard(path: Path, samples: list[bytes]) -> ShardInfo:
         end += bytes(-(size + len(end)) % tarfile.RECORDSIZE)
         f.write(end)
         digest.update(end)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return ShardInfo(path.name, len(samples), size + len(end), digest.hexdigest())
 
 
@@ -94,17 +71,8 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def write_manifest(outdir: Path, shards: list[ShardInfo], source: str, options: dict, **extra) -> dict:
     """manifest.json: every shard with count, bytes and sha256, the total, the source and the options."""
-    from . import __version__
-
     manifest = {
         "format": FORMAT_VERSION,
         "tool_version": __version__,
@@ -114,17 +82,5 @@ def write_manifest(outdir: Path, shards: list[ShardInfo], source: str, options: 
         "total": sum(s.count for s in shards),
         **extra,
     }
-    write_json_atomic(Path(outdir) / MANIFEST, manifest)
-    return manifest
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Read and sanity-check a manifest (a local path or a URL such as s3://...); errors name the file."""
-    try:
-        manifest = json.loads(storage.read_bytes(str(path)))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read shard manifest: {err}") from None
-    for key in ("shards", "total"):
-        if key not in manifest:
-            raise ValueError(f"{path}: shard manifest has no {key!r} key")
+    files.write_text(Path(outdir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest

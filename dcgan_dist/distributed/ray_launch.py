@@ -1,13 +1,14 @@
-"""Launch train() on a Ray cluster: Ray Train's TorchTrainer runs it on every worker as DistributedDataParallel.
+"""Launch the training loop on a Ray cluster: Ray Train's TorchTrainer runs it on every worker as DDP.
 
-`python -m dcgan_dist.train ... trainer.num_workers=N` lands here. The driver connects to the cluster that Ray
+`python -m dcgan_dist.train ... trainer.num_workers=N` lands here, with the loop (train/loop.py's train) handed in,
+so that this module knows Ray and ranks but nothing of the GAN. The driver connects to the cluster that Ray
 finds (RAY_ADDRESS under `ray job submit`, else a running local cluster, else a fresh local instance), and each
-Ray worker calls the same train() as a local run; Ray has already joined the process group (NCCL on GPUs, gloo on
-the CPU) and set RANK/WORLD_SIZE/LOCAL_RANK, which dist.init picks up.
+Ray worker calls the same loop as a local run; Ray has already joined the process group (NCCL on GPUs, gloo on
+the CPU) and set RANK/WORLD_SIZE/LOCAL_RANK, which context.init picks up.
 
-Checkpoints: train() has rank 0 write its checkpoint file, then calls the hook below on every rank, so every rank
+Checkpoints: the loop has rank 0 write its checkpoint file, then calls the hook below on every rank, so every rank
 calls ray.train.report equally often and only rank 0 attaches a checkpoint. After a worker dies, Ray restarts the
-whole group (up to trainer.max_failures times) and ray.train.get_checkpoint() hands train() the last one; rerunning
+whole group (up to trainer.max_failures times) and ray.train.get_checkpoint() hands the loop the last one; rerunning
 the same command with the same run_dir and storage resumes the same way.
 """
 
@@ -17,21 +18,26 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from . import checkpoint, storage
-from . import config as config_mod
-from .config import Config, ConfigError
-from .train import train
+from .. import checkpoint
+from .. import config as config_mod
+from ..config import Config, ConfigError
+from ..data import storage
+
+# The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
+Loop = Callable[..., dict]
 
 
 def _report(path: Path | None, metrics: dict) -> None:
-    """train()'s checkpoint hook: every rank reports; rank 0 (the one given a path) attaches its file."""
+    """The loop's checkpoint hook: every rank reports; rank 0 (the one given a path) attaches its file."""
     if path is None:
         ray.train.report(metrics)
         return
@@ -43,15 +49,15 @@ def _report(path: Path | None, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=path.stem)
 
 
-def worker_loop(loop_config: dict) -> None:
+def worker_loop(loop_config: dict, loop: Loop) -> None:
     """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any."""
     cfg = config_mod.from_dict(loop_config["cfg"])
     restored = ray.train.get_checkpoint()
     if restored is None:
-        train(cfg, on_checkpoint=_report)
+        loop(cfg, on_checkpoint=_report)
         return
     with restored.as_directory() as local:  # a download for bucket storage, the directory itself on a file system
-        train(cfg, resume_from=checkpoint.latest(local), on_checkpoint=_report)
+        loop(cfg, resume_from=checkpoint.latest(local), on_checkpoint=_report)
 
 
 def _absolute(path: str) -> str:
@@ -75,11 +81,11 @@ def resolved(cfg: Config) -> Config:
     return out
 
 
-def trainer_for(cfg: Config) -> TorchTrainer:
+def trainer_for(cfg: Config, loop: Loop) -> TorchTrainer:
     """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs."""
     t = cfg.trainer
     return TorchTrainer(
-        worker_loop,
+        partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
         train_loop_config={"cfg": config_mod.to_dict(cfg)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -131,16 +137,16 @@ def _check_fits(t, can_grow: bool) -> None:
     hint = "lower trainer.num_workers or trainer.cpus_per_worker, or set trainer.use_gpu=false"
     if not can_grow:
         raise ConfigError(f"trainer: this machine has {short}; {hint}")
-    print(f"dcgan_dist.launch: the cluster has {short} now; waiting for the autoscaler to add nodes "
+    print(f"dcgan_dist.ray_launch: the cluster has {short} now; waiting for the autoscaler to add nodes "
           f"(if it has none: {hint})", file=sys.stderr, flush=True)
 
 
-def run(cfg: Config) -> ray.train.Result:
-    """Train with Ray Train as cfg.trainer says; return Ray's result (its checkpoint is the final one)."""
+def run(cfg: Config, loop: Loop) -> ray.train.Result:
+    """Run loop with Ray Train as cfg.trainer says; return Ray's result (its checkpoint is the final one)."""
     cfg = resolved(cfg)
-    trainer = trainer_for(cfg)
+    trainer = trainer_for(cfg, loop)
     _check_fits(cfg.trainer, can_grow=_connect())
     result = trainer.fit()
-    print(f"dcgan_dist.launch: done; run directory {cfg.run_dir}, last checkpoint {result.checkpoint.path}",
+    print(f"dcgan_dist.ray_launch: done; run directory {cfg.run_dir}, last checkpoint {result.checkpoint.path}",
           flush=True)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .imageops import FORMATS
+from ..data.images import FORMATS
 
 DEDUP_MODES = ("none", "exact", "semantic")
 

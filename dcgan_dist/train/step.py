@@ -12,13 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import base_module
 from .perf import Precision
 
 STAT_NAMES = ("loss/D", "loss/G", "D(x)", "D(G(z))/D_phase", "D(G(z))/G_phase")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
 
 
 def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
@@ -38,7 +35,7 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: to
     prec.backward_and_step(loss_d, opt_d, "D")
 
     # (2) Update G: the non-saturating loss, maximise log D(G(z)).
-    d_inner = unwrap(D)
+    d_inner = base_module(D, keep_compiled=True)  # D's own forward, outside DDP, still compiled
     d_inner.requires_grad_(False)
     with prec.autocast():
         d_fake_g = d_inner(fake).float()

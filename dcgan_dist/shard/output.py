@@ -3,14 +3,16 @@ destination (object storage) can stand in for the local directory by providing t
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import fsspec
 
-from . import storage, tarshards
+from .. import files
+from ..data import storage
+from ..data.manifest import MANIFEST, ShardInfo, file_sha256
+from . import writer
 
 
 class LocalDir:
@@ -23,21 +25,17 @@ class LocalDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def write_shard(self, name: str, samples: list[bytes]) -> tarshards.ShardInfo:
-        """One tar shard of tarshards.encode_sample() outputs, through the project's one shard writer."""
-        return tarshards.write_encoded_shard(self.path / name, samples)
+    def write_shard(self, name: str, samples: list[bytes]) -> ShardInfo:
+        """One tar shard of writer.encode_sample() outputs, through the project's one shard writer."""
+        return writer.write_encoded_shard(self.path / name, samples)
 
-    def write_manifest(self, shards: list[tarshards.ShardInfo], source: str, options: dict, **extra) -> dict:
+    def write_manifest(self, shards: list[ShardInfo], source: str, options: dict, **extra) -> dict:
         """manifest.json, through the project's one manifest writer."""
-        return tarshards.write_manifest(self.path, shards, source, options, **extra)
+        return writer.write_manifest(self.path, shards, source, options, **extra)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """A small file (name may hold '/'), written under a temporary name and renamed."""
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        files.write_bytes(self.path / name, data)
 
     def read_bytes(self, name: str) -> bytes | None:
         """A file's bytes, or None if it does not exist."""
@@ -62,9 +60,8 @@ class LocalDir:
             path.unlink(missing_ok=True)
 
     def remove_temporaries(self) -> None:
-        """Drop the leftovers of writes a killed run never finished."""
-        for tmp in self.path.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Drop the leftovers of writes a killed run never finished (our temporaries only)."""
+        files.remove_temporaries(self.path)
 
 
 class BucketDir:
@@ -83,26 +80,26 @@ class BucketDir:
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def write_shard(self, name: str, samples: list[bytes]) -> tarshards.ShardInfo:
+    def write_shard(self, name: str, samples: list[bytes]) -> ShardInfo:
         """One tar shard, uploaded unless the bucket already holds these very bytes (a rerun after a kill that
         fell between an upload and its progress record)."""
         with tempfile.TemporaryDirectory(prefix="dcgan-shard-") as tmp:
-            info = tarshards.write_encoded_shard(Path(tmp) / name, samples)
+            info = writer.write_encoded_shard(Path(tmp) / name, samples)
             if not self._holds(name, info, Path(tmp) / "uploaded"):
                 self.fs.put_file(str(Path(tmp) / name), self._key(name))
         return info
 
-    def _holds(self, name: str, info: tarshards.ShardInfo, scratch: Path) -> bool:
+    def _holds(self, name: str, info: ShardInfo, scratch: Path) -> bool:
         if self.size(name) != info.bytes:
             return False
         self.fs.get_file(self._key(name), str(scratch))
-        return tarshards.file_sha256(scratch) == info.sha256
+        return file_sha256(scratch) == info.sha256
 
-    def write_manifest(self, shards: list[tarshards.ShardInfo], source: str, options: dict, **extra) -> dict:
+    def write_manifest(self, shards: list[ShardInfo], source: str, options: dict, **extra) -> dict:
         """manifest.json, through the project's one manifest writer, then uploaded."""
         with tempfile.TemporaryDirectory(prefix="dcgan-shard-") as tmp:
-            manifest = tarshards.write_manifest(Path(tmp), shards, source, options, **extra)
-            self.fs.put_file(str(Path(tmp) / tarshards.MANIFEST), self._key(tarshards.MANIFEST))
+            manifest = writer.write_manifest(Path(tmp), shards, source, options, **extra)
+            self.fs.put_file(str(Path(tmp) / MANIFEST), self._key(MANIFEST))
         return manifest
 
     def write_bytes(self, name: str, data: bytes) -> None:

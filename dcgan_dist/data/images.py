@@ -1,4 +1,5 @@
-"""Image operations of the shard tool: decode any input, centre crop, antialiased resize, encode.
+"""Image operations of both paths: decode any input, centre crop, antialiased resize (the shard tool and the
+trainer share them, so a shard decodes the same in both), encode (the shard tool).
 
 Arrays are uint8 (H, W, C) with C = 1 (greyscale stays greyscale) or 3. Decoding is strict: a truncated or corrupt
 file raises BadImage with a readable reason instead of yielding grey padding.
@@ -14,6 +15,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 FORMATS = ("jpg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # image fields of a sample, and image files of a source
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _ADDRESS = re.compile(r" ?<[^>]* at 0x[0-9a-f]+>")  # object reprs would make manifests differ run to run
 
@@ -112,3 +114,22 @@ def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
     else:
         raise ValueError(f"unknown image format {fmt!r}; known: {', '.join(FORMATS)}")
     return buf.getvalue()
+
+
+def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
+    """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
+    arr, _ = decode(data, min_side=resolution)
+    if arr.shape[2] != channels:
+        img = _pil(arr).convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(img).reshape(*arr.shape[:2], channels)
+    if arr.shape[:2] != (resolution, resolution):
+        arr = centre_square(arr, resolution)
+    return arr
+
+
+def image_field(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (its first field named like an image)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")

@@ -81,12 +81,6 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def base_module(module: nn.Module) -> nn.Module:
-    """The plain network under DDP and torch.compile wrappers (the one whose state_dict is saved)."""
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
-
-
 def flops_per_image(step_fn, batch: int) -> float:
     """FLOPs of one training step per image, counted by PyTorch's FlopCounterMode on a real step."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -12,15 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import checkpoint, classifier, data, dist, fid
-from . import config as config_mod
-from .config import Config
-from .sample import generate
+from .. import checkpoint, models
+from .. import config as config_mod
+from ..config import Config
+from ..data.load import load_images, load_labelled
+from ..distributed.context import Context
+from . import classifier, fid
 
 BEST = "best.pt"
 
 
-def build(cfg: Config, ctx: dist.Context) -> "TrainingEval | None":
+def build(cfg: Config, ctx: Context) -> "TrainingEval | None":
     """The evaluator on rank 0 when eval.metric is set; every rank first checks the FID weights file exists."""
     if cfg.eval.metric is None:
         return None
@@ -43,10 +45,10 @@ class TrainingEval:
         self.first: dict[str, float] = {}  # logged with the first score
         if self.metric == "fid":
             self.net = fid.load_inception(e.inception_weights, e.inception_dims, device)
-            real = data.load_images(shards, m.resolution, m.channels, e.real_samples)
+            real = load_images(shards, m.resolution, m.channels, e.real_samples)
             self.reference = fid.statistics(fid.inception_features(self.net, real))
         else:
-            x, y = data.load_labelled(shards, m.resolution, m.channels, e.real_samples)
+            x, y = load_labelled(shards, m.resolution, m.channels, e.real_samples)
             with torch.random.fork_rng(devices=[]):
                 self.judge, info = classifier.fit_with_holdout(x, y, device=device)
             self.first["eval/coverage_judge_accuracy"] = info["heldout_accuracy"]  # how far to trust the judge
@@ -63,11 +65,8 @@ class TrainingEval:
         return score < self.best if self.metric == "fid" else score > self.best
 
     def __call__(self, G: nn.Module, D: nn.Module, images: int, log) -> dict[str, float]:
-        G.eval()  # running batchnorm statistics, as for the sample grids: no side effect on training
-        try:
-            samples = generate(G, self.cfg, self.cfg.eval.samples, seed=self.cfg.train.seed + 1)
-        finally:
-            G.train()
+        with models.eval_mode(G):  # running batchnorm statistics, as for the sample grids
+            samples = models.generate(G, self.cfg.model, self.cfg.eval.samples, seed=self.cfg.train.seed + 1)
         values = {**self.first, **(self._fid(samples) if self.metric == "fid" else self._coverage(samples))}
         self.first = {}
         score = values[f"eval/{self.metric}"]

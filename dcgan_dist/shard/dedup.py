@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import imageops
+from ..data import images as imageops
 
 THUMB = 32
 CODE_BITS = 128

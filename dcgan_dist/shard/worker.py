@@ -17,10 +17,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import dedup, imageops
-from .shard_options import Options
+from ..data import images as imageops
+from . import dedup
+from .options import Options
 from .sources import Source
-from .tarshards import encode_sample
+from .writer import encode_sample
 
 CHUNK = 32  # items per task: enough to amortise inter-process traffic, small enough to keep workers even
 _IN_FLIGHT = 4  # tasks queued per worker: bounds memory on a 3-million-image source

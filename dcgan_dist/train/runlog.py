@@ -7,21 +7,11 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid, save_image
 
-from . import config as config_mod
-
-
-def image_grid(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) -> one (C, H', W') grid in [0, 1], about square."""
-    n = images.shape[0]
-    return make_grid(images.detach().float().cpu(), nrow=max(1, int(n ** 0.5)), normalize=True,
-                     value_range=(-1, 1), padding=2)
-
-
-def save_grid(images: torch.Tensor, path: str | Path) -> None:
-    save_image(image_grid(images), str(path))
+from .. import config as config_mod
+from .. import grids
 
 
 class RunLog:
@@ -54,10 +44,11 @@ class RunLog:
         self._last_images = images
 
     def grid(self, tag: str, images: torch.Tensor, step: int, png_path: Path | None = None) -> None:
-        self.writer.add_image(tag, image_grid(images), step)
+        picture = grids.grid(images)
+        self.writer.add_image(tag, picture, step, dataformats="HWC")
         self.writer.flush()
         if png_path is not None:
-            save_grid(images, png_path)
+            Image.fromarray(picture).save(str(png_path))
 
     def message(self, text: str) -> None:
         if self.bar is not None:

@@ -7,104 +7,28 @@ stream i % num_workers. A resumed run maps its loader workers onto those streams
 and resumed run sees exactly the batches an uninterrupted one would have.
 
 Batches are uint8 (N, H, W, C), as decoders produce them; the transposition and the conversion to floats in
-[-1, 1] happen on the training device (to_float), which keeps loader-to-trainer traffic four times smaller and
+[-1, 1] happen on the training device (pixels.from_uint8), which keeps loader-to-trainer traffic four times smaller and
 spares the loader workers a copy. NHWC is channels_last: on a GPU that path needs no transposing copy at all.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import math
-import os
 import random
 import sys
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import imageops, storage, tarshards
-from .config import Config
+from ..config import Config
+from . import storage
+from .images import decode_image, image_field
+from .shardset import ShardSet
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 _MAX_REPORTED = 20  # corrupt samples named on stderr per worker; the rest are only counted
-
-
-@dataclass
-class ShardSet:
-    """Where the shards are and, when a manifest says so, how many samples each holds."""
-    urls: list[str]
-    counts: list[int] | None = None
-
-    @property
-    def size(self) -> int | None:
-        return sum(self.counts) if self.counts is not None else None
-
-
-def _manifest_of(spec: str) -> str | None:
-    """The manifest a data.shards spec names, or None when it names shards directly."""
-    if storage.is_remote(spec) and spec.endswith("/"):
-        return spec + tarshards.MANIFEST  # a bucket prefix: its manifest names the shards, no listing
-    if os.path.isdir(spec):
-        path = os.path.join(spec, tarshards.MANIFEST)
-        return path if os.path.exists(path) else None  # without a manifest: glob the directory's tar files
-    return spec if spec.endswith(".json") else None
-
-
-def resolve(spec: str) -> ShardSet:
-    """Turn data.shards (a directory, a manifest, brace patterns or URLs joined by '::') into a ShardSet."""
-    spec = spec.strip()
-    if not spec:
-        raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
-    manifest_path = _manifest_of(spec)
-    if manifest_path is not None:
-        if not storage.is_remote(manifest_path) and not os.path.exists(manifest_path):
-            raise FileNotFoundError(f"data.shards: manifest {manifest_path} does not exist")
-        manifest = tarshards.read_manifest(manifest_path)
-        base = os.path.dirname(manifest_path)
-        urls = [os.path.join(base, s["name"]) for s in manifest["shards"]]
-        if not urls:
-            raise ValueError(f"data.shards: manifest {manifest_path} lists no shards")
-        return ShardSet(urls, [int(s["count"]) for s in manifest["shards"]])
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    else:
-        urls = [u for part in spec.split("::") for u in braceexpand(part)]
-    missing = [u for u in urls if not storage.is_remote(u) and not os.path.exists(u)]
-    if not urls or len(missing) == len(urls):
-        raise FileNotFoundError(f"data.shards {spec!r} matches no shard")
-    if missing:
-        raise FileNotFoundError(f"data.shards {spec!r}: {len(missing)} shards do not exist, first {missing[0]}")
-    remote = [u for u in urls if storage.is_remote(u)]
-    if remote:
-        try:  # one request: an unreachable store or a wrong prefix fails here, not as a skip of every shard
-            storage.check_readable(remote[0])
-        except OSError as err:
-            raise ValueError(f"data.shards {spec!r}: {err}") from err
-    return ShardSet(urls)
-
-
-def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
-    """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
-    arr, _ = imageops.decode(data, min_side=resolution)
-    if arr.shape[2] != channels:
-        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(img).reshape(*arr.shape[:2], channels)
-    if arr.shape[:2] != (resolution, resolution):
-        arr = imageops.centre_square(arr, resolution)
-    return arr
-
-
-def _image_field(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")
 
 
 class ShardStream(IterableDataset):
@@ -179,7 +103,7 @@ class ShardStream(IterableDataset):
         """Decoded images; None stands for a corrupt sample, so that skips are counted where they happen."""
         for sample in samples:
             try:
-                yield decode_image(_image_field(sample), self.resolution, self.channels)
+                yield decode_image(image_field(sample), self.resolution, self.channels)
             except Exception as err:
                 self.corrupt += 1
                 if self.corrupt <= _MAX_REPORTED:
@@ -255,41 +179,3 @@ def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.data.prefetch if workers else None,
                       persistent_workers=False)
-
-
-def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, C) batch -> float32 (N, C, H, W) in channels_last layout on device, scaled to [-1, 1]."""
-    return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
-def _load(spec: str, resolution: int, channels: int, limit: int | None, labelled: bool,
-          ) -> tuple[torch.Tensor, list[int]]:
-    images, labels = [], []
-    for url in resolve(spec).urls:
-        for sample in storage.tar_samples(url):
-            if limit is not None and len(images) >= limit:
-                break
-            where = f"{url}: sample {sample.get('__key__')!r}"
-            if labelled and "cls" not in sample:
-                raise ValueError(f"{where} has no 'cls' label field")
-            try:
-                images.append(decode_image(_image_field(sample), resolution, channels))
-            except Exception as err:
-                raise ValueError(f"{where}: {type(err).__name__}: {err}") from None
-            if labelled:
-                labels.append(int(sample["cls"].decode().strip()))
-    if not images:
-        raise ValueError(f"shard set {spec!r} holds no images")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), labels
-
-
-def load_images(spec: str, resolution: int, channels: int, limit: int | None = None) -> torch.Tensor:
-    """The images of a shard set, labelled or not, in shard order, as floats in [-1, 1] (N, C, H, W)."""
-    return _load(spec, resolution, channels, limit, labelled=False)[0]
-
-
-def load_labelled(spec: str, resolution: int, channels: int, limit: int | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of a shard set with a `cls` field, in shard order: (float images in [-1, 1], int64 labels)."""
-    x, labels = _load(spec, resolution, channels, limit, labelled=True)
-    return x, torch.tensor(labels, dtype=torch.int64)

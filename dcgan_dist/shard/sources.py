@@ -15,9 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .imageops import BadImage
+from ..data.images import IMAGE_EXTS, BadImage
+from . import builtin
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTIN = "builtin:"
 
 
@@ -28,7 +28,7 @@ class SourceError(Exception):
 def _check_ext(name: str) -> None:
     """Files named as non-images are skipped unread: a scrape's HTML or a stray video costs nothing."""
     ext = os.path.splitext(name)[1].lower()
-    if ext not in IMAGE_EXTS:
+    if ext[1:] not in IMAGE_EXTS:
         raise BadImage(f"not an image file name (extension {ext or 'none'!r})")
 
 
@@ -172,8 +172,6 @@ class BuiltinSource(Source):
     """A small real image set shipped inside a registry package (see builtin.py)."""
 
     def __init__(self, name: str):
-        from . import builtin
-
         if name not in builtin.NAMES:
             raise SourceError(f"unknown built-in data set {BUILTIN}{name}; known: "
                               + ", ".join(BUILTIN + n for n in builtin.NAMES))
@@ -182,8 +180,6 @@ class BuiltinSource(Source):
         self.count = len(self._cache[0])
 
     def _arrays(self):
-        from . import builtin
-
         if getattr(self, "_cache", None) is None:
             self._cache = builtin.load_arrays(self.name)
         return self._cache

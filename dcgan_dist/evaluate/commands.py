@@ -1,66 +1,26 @@
-"""Evaluate a checkpoint: `python -m dcgan_dist.evaluate COMMAND CHECKPOINT [options]` (docs/evaluate.md).
+"""The evaluation commands (cli.py parses their options): each takes (args, networks, report).
 
-Commands: interpolate, arithmetic, features, nearest, coverage, fid, kid. Each writes PNG grids and COMMAND.json
+interpolate, arithmetic, features, nearest, coverage, fid, kid. Each writes PNG grids and COMMAND.json
 into --out (default RUN_DIR/eval/CHECKPOINT_NAME/) and, with --tensorboard, logs its headline numbers and grids
 to the run's TensorBoard under eval/COMMAND/ at the checkpoint's image count.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
-from . import checkpoint, classifier, data, features, fid, labelgrid, latent, models
-from .config import Config, from_dict
-from .sample import decode, generate
-
-
-@dataclass
-class Subject:
-    """The checkpoint under evaluation, its networks in eval mode (running batchnorm statistics)."""
-    path: Path
-    cfg: Config
-    images: int
-    G: models.Generator
-    D: models.Discriminator
-    device: torch.device
-
-    @property
-    def run_dir(self) -> Path:
-        return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
-
-
-def open_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Subject:
-    """A checkpoint file, or a run directory's newest checkpoint, with G and D built from its config."""
-    path = Path(path)
-    if path.is_dir():
-        found = checkpoint.latest(path)
-        if found is None:
-            raise FileNotFoundError(f"{path} holds no checkpoints/ckpt-*.pt")
-        path = found
-    state = checkpoint.load(path)
-    cfg = from_dict(state["config"])
-    G, D = models.Generator(cfg.model), models.Discriminator(cfg.model)
-    G.load_state_dict(state["G"])
-    D.load_state_dict(state["D"])
-    device = torch.device(device)
-    return Subject(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval(), device)
-
-
-def tensor_grid(images: torch.Tensor, nrow: int) -> Image.Image:
-    """Images in [-1, 1] as one picture, `nrow` to a row."""
-    grid = make_grid(images.float(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
-    return Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+from .. import grids, models
+from ..checkpoint import Networks as Subject
+from ..data.load import load_images, load_labelled
+from ..models import decode, generate
+from . import classifier, features, fid, latent
 
 
 class Report:
@@ -107,7 +67,7 @@ def cmd_interpolate(args, s: Subject, rep: Report) -> dict:
     points = models.sample_z(args.rows * args.points, s.cfg.model, generator=gen).view(args.rows, args.points, -1)
     z = torch.cat([latent.walk(p, args.frames, args.slerp) for p in points])
     x = decode(s.G, z, args.batch_size)
-    rep.picture("walks", tensor_grid(x, nrow=args.frames))
+    rep.picture("walks", Image.fromarray(grids.grid(x, nrow=args.frames)))
     frames = x.view(args.rows, args.frames, -1)
     steps = (frames[:, 1:] - frames[:, :-1]).square().mean(2).sqrt()  # RMS pixel change between frames
     jump = float((steps.max(1).values / steps.mean(1).clamp(min=1e-12)).max())
@@ -122,7 +82,7 @@ def cmd_arithmetic(args, s: Subject, rep: Report) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     sheet_z = models.sample_z(args.sheet, s.cfg.model, generator=gen)
     sheet = decode(s.G, sheet_z, args.batch_size)
-    rep.picture("sheet", labelgrid.render(labelgrid.numbered_rows(sheet, ncol=math.ceil(args.sheet ** 0.5))))
+    rep.picture("sheet", grids.render(grids.numbered_rows(sheet, ncol=math.ceil(args.sheet ** 0.5))))
     results = {"seed": args.seed, "sheet": args.sheet, "expr": args.expr}
     if not args.expr:
         print(f"pick exemplars by number from {rep.out_dir / 'arithmetic-sheet.png'} and rerun with the same "
@@ -136,7 +96,7 @@ def cmd_arithmetic(args, s: Subject, rep: Report) -> dict:
     rows = [[(sheet[i], f"{'+' if sign > 0 else '-'}#{i}") for i in idx] + [(mean_images[t], "mean")]
             for t, (sign, idx) in enumerate(terms)]
     rows.append([(out_images[0], "result")] + [(img, f"noise {j + 1}") for j, img in enumerate(out_images[1:])])
-    rep.picture("result", labelgrid.render(rows))
+    rep.picture("result", grids.render(rows))
     results.update({"terms": [{"sign": sign, "indices": idx} for sign, idx in terms], "noise": args.noise,
                     "variations": args.variations})
     return rep.finish(results, {})
@@ -146,9 +106,9 @@ def cmd_features(args, s: Subject, rep: Report) -> dict:
     """Linear-SVM accuracy of trained-D features against random-D features and raw pixels, on held-out data."""
     res, ch = s.cfg.model.resolution, s.cfg.model.channels
     shards = args.shards or s.cfg.data.shards
-    x, y = data.load_labelled(shards, res, ch, limit=args.limit)
+    x, y = load_labelled(shards, res, ch, limit=args.limit)
     if args.test_shards:
-        train, test = (x, y), data.load_labelled(args.test_shards, res, ch, limit=args.test_limit)
+        train, test = (x, y), load_labelled(args.test_shards, res, ch, limit=args.test_limit)
     else:
         tr, te = features.split(len(x), args.test_fraction, args.seed)
         train, test = (x[tr], y[tr]), (x[te], y[te])
@@ -187,12 +147,12 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096
 def cmd_nearest(args, s: Subject, rep: Report) -> dict:
     """Nearest training images of generated samples in pixel and D-feature space, against held-out real ones."""
     cfg = s.cfg
-    real = data.load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
+    real = load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
     if len(real) <= args.n:
         raise ValueError(f"--n {args.n}: the shard set has only {len(real)} images; the first --n are held out "
                          f"as the real baseline, so it needs more")
     held, bank = real[:args.n], real[args.n:]
-    fake = generate(s.G, cfg, args.n, seed=args.seed, batch_size=args.batch_size)
+    fake = generate(s.G, cfg.model, args.n, seed=args.seed, batch_size=args.batch_size)
     d_real = features.with_real_statistics(s.D, bank)  # the same D features as the `features` command
     spaces = {"pixel": features.pixels, "D_feature": partial(features.d_features, d_real)}
     summary, found = {}, {}
@@ -213,7 +173,7 @@ def cmd_nearest(args, s: Subject, rep: Report) -> dict:
         rows.append(row)
         shown.append({space: {"distances": found[space][0][i].tolist(),
                               "bank_indices": (found[space][1][i] + args.n).tolist()} for space in spaces})
-    rep.picture("grid", labelgrid.render(rows))
+    rep.picture("grid", grids.render(rows))
     results = {"n_generated": args.n, "n_heldout_real": args.n, "n_bank": len(bank), "k": args.k, "seed": args.seed,
                "summary": summary, "shown": shown}
     return rep.finish(results, {f"{space}/ratio": v["ratio"] for space, v in summary.items()})
@@ -222,15 +182,15 @@ def cmd_nearest(args, s: Subject, rep: Report) -> dict:
 def cmd_coverage(args, s: Subject, rep: Report) -> dict:
     """A classifier of the real labels classifies N samples: per-class shares, their entropy, confidence."""
     cfg = s.cfg
-    x, y = data.load_labelled(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
+    x, y = load_labelled(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
     judge, judge_info = classifier.fit_with_holdout(x, y, epochs=args.epochs, seed=args.seed, device=s.device)
-    samples = generate(s.G, cfg, args.n, seed=args.seed, batch_size=args.batch_size)
+    samples = generate(s.G, cfg.model, args.n, seed=args.seed, batch_size=args.batch_size)
     probs = classifier.predict_proba(judge, samples)
     cov = classifier.coverage(probs)
     conf, label = probs[:64].max(1)
     order = label.argsort(stable=True)
     cells = [(samples[i], f"{int(label[i])}: {float(conf[i]):.2f}") for i in order.tolist()]
-    rep.picture("samples", labelgrid.render([cells[i:i + 8] for i in range(0, len(cells), 8)]))
+    rep.picture("samples", grids.render([cells[i:i + 8] for i in range(0, len(cells), 8)]))
     print("  shares: " + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(cov["shares"])))
     results = {"judge": judge_info, "seed": args.seed, **cov}
     scalars = {"entropy": cov["entropy"], "mean_confidence": cov["mean_confidence"], "score": cov["score"],
@@ -243,8 +203,8 @@ def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, d
     cfg = s.cfg
     net = fid.load_inception(args.inception_weights, args.dims, s.device)  # first: a missing file fails fast
     shards = args.shards or cfg.data.shards
-    real = data.load_images(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
-    fake = generate(s.G, cfg, args.n, seed=args.seed, batch_size=args.batch_size)
+    real = load_images(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
+    fake = generate(s.G, cfg.model, args.n, seed=args.seed, batch_size=args.batch_size)
     info = {"n_generated": len(fake), "n_real": len(real), "shards": shards, "dims": args.dims,
             "inception_weights": str(args.inception_weights), "seed": args.seed}
     return fid.inception_features(net, real), fid.inception_features(net, fake), info
@@ -270,88 +230,3 @@ def cmd_kid(args, s: Subject, rep: Report) -> dict:
           f"and {info['n_real']} real images")
     results = {"kid": mean, "kid_std": std, "subsets": args.subsets, "subset_size": m, **info}
     return rep.finish(results, {"kid": mean, "n_generated": info["n_generated"]})
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("checkpoint", help="a ckpt-*.pt or best.pt file, or a run directory (its newest checkpoint)")
-    common.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval/CHECKPOINT_NAME)")
-    common.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
-    common.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tb under eval/COMMAND/")
-
-    def shards(p, what):
-        p.add_argument("--shards", default=None, help=f"{what} (default: the checkpoint's data.shards)")
-
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.evaluate", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("interpolate", parents=[common], help=cmd_interpolate.__doc__)
-    p.add_argument("--rows", type=int, default=8, help="walks, one per row")
-    p.add_argument("--frames", type=int, default=10, help="images per walk")
-    p.add_argument("--points", type=int, default=2, help="random latent points each walk passes through")
-    p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
-
-    p = sub.add_parser("arithmetic", parents=[common], help=cmd_arithmetic.__doc__)
-    p.add_argument("--sheet", type=int, default=64, help="samples on the numbered sheet")
-    p.add_argument("--expr", default=None, help="sheet indices, e.g. '3,17,22 - 5,9,11 + 1,2,40'")
-    p.add_argument("--variations", type=int, default=8, help="noisy variations of the result")
-    p.add_argument("--noise", type=float, default=0.25, help="half-width of the uniform noise added to the result")
-
-    p = sub.add_parser("features", parents=[common], help=cmd_features.__doc__)
-    shards(p, "labelled shards (a `cls` field) to train the SVM on")
-    p.add_argument("--test-shards", default=None, help="labelled held-out shards (default: split --shards)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when there are no test shards")
-    p.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (SVHN: 1000)")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many training images")
-    p.add_argument("--test-limit", type=int, default=None, help="read at most this many test images")
-    p.add_argument("--cs", default=",".join(f"{c:g}" for c in features.DEFAULT_CS), help="SVM C values to try")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds that choose C")
-
-    p = sub.add_parser("nearest", parents=[common], help=cmd_nearest.__doc__)
-    shards(p, "training shards")
-    p.add_argument("--n", type=int, default=500, help="generated samples (and held-out real images) measured")
-    p.add_argument("--show", type=int, default=8, help="samples shown in the grid")
-    p.add_argument("--k", type=int, default=4, help="neighbours per sample in each space")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many training images")
-
-    p = sub.add_parser("coverage", parents=[common], help=cmd_coverage.__doc__)
-    shards(p, "labelled shards (a `cls` field) to train the classifier on")
-    p.add_argument("--n", type=int, default=1000, help="generated samples classified")
-    p.add_argument("--epochs", type=int, default=8, help="classifier training epochs")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many labelled images")
-
-    for name, fn in (("fid", cmd_fid), ("kid", cmd_kid)):
-        p = sub.add_parser(name, parents=[common], help=fn.__doc__)
-        shards(p, "real images to compare with")
-        p.add_argument("--inception-weights", default=None,
-                       help="pt_inception-2015-12-05 / weights-inception-2015-12-05 file (see docs/evaluate.md)")
-        p.add_argument("--n", type=int, default=10000, help="generated samples")
-        p.add_argument("--real-limit", type=int, default=None, help="read at most this many real images")
-        p.add_argument("--dims", type=int, default=2048, choices=fid.DIMS, help="Inception pool features")
-        if name == "kid":
-            p.add_argument("--subsets", type=int, default=100, help="random subsets averaged")
-            p.add_argument("--subset-size", type=int, default=1000, help="samples per subset")
-    return parser
-
-
-COMMANDS = {"interpolate": cmd_interpolate, "arithmetic": cmd_arithmetic, "features": cmd_features,
-            "nearest": cmd_nearest, "coverage": cmd_coverage, "fid": cmd_fid, "kid": cmd_kid}
-
-
-def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
-    try:
-        subject = open_checkpoint(args.checkpoint, args.device)
-        out = Path(args.out) if args.out else subject.run_dir / "eval" / subject.path.stem
-        return COMMANDS[args.command](args, subject, Report(args.command, subject, out, args.tensorboard))
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    main()

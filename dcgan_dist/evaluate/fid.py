@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..pixels import to_uint8
+
 WEIGHTS_URLS = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
@@ -56,7 +58,7 @@ def load_inception(path: str | Path | None, dims: int = 2048, device: str | torc
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (N, 1 or 3, H, W) -> uint8 RGB, the input the Inception port expects."""
-    u8 = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    u8 = to_uint8(images)
     return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 

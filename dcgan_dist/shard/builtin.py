@@ -7,8 +7,6 @@ Nothing is downloaded: both arrays are inside the installed packages.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 NAMES = ("mnist5k", "lfw-faces")
@@ -28,20 +26,3 @@ def load_arrays(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         faces = lfw_subset()[:100]  # the first 100 are faces, the rest are not
         return (np.clip(faces, 0, 1) * 255).round().astype(np.uint8), None
     raise ValueError(f"unknown built-in data set {name!r}; known: {', '.join(NAMES)}")
-
-
-def ensure_shards(name: str, outdir: str | Path, shard_size: int = 500) -> Path:
-    """Write a built-in set as shards + manifest under outdir unless a manifest is already there.
-
-    Goes through the shard tool: images at their own size as PNG, labels as `cls`, in an order shuffled with seed
-    0 so every shard is mixed.
-    """
-    from .shard import run
-    from .shard_options import Options
-    from .tarshards import MANIFEST
-
-    outdir = Path(outdir)
-    if not (outdir / MANIFEST).exists():
-        opts = Options(keep_size=True, format="png", shard_size=shard_size, shuffle=0, prefix=name)
-        run(f"builtin:{name}", outdir, opts, workers=1, progress=False)
-    return outdir

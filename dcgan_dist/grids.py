@@ -1,16 +1,33 @@
-"""Image grids with a text label under every tile: numbered sample sheets, neighbours with their distances."""
+"""Every picture of many images: plain sample grids (TensorBoard, PNGs, `sample`) and grids with a text label
+under every tile (numbered sample sheets, neighbours with their distances)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+from .pixels import to_uint8
 
 Tile = tuple[torch.Tensor | None, str]  # an image in [-1, 1] (C, H, W), or None for an empty cell; its label
 _BAND = 14  # pixels of label text under each tile
 _GAP = 2
+
+
+def grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) -> one uint8 RGB picture (H', W', 3), `nrow` to a row (default: square)."""
+    n = images.shape[0]
+    tiles = make_grid(to_uint8(images.cpu()), nrow=nrow or max(1, int(n ** 0.5)), padding=2)
+    return tiles.permute(1, 2, 0).contiguous().numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """grid() written as a PNG."""
+    Image.fromarray(grid(images, nrow)).save(str(path))
 
 
 def render(rows: list[list[Tile]], tile: int = 64) -> Image.Image:
@@ -29,12 +46,6 @@ def render(rows: list[list[Tile]], tile: int = 64) -> Image.Image:
     return canvas
 
 
-def save(rows: list[list[Tile]], path: str | Path, tile: int = 64) -> Image.Image:
-    image = render(rows, tile)
-    image.save(str(path))
-    return image
-
-
 def numbered_rows(images: torch.Tensor, ncol: int, first: int = 0) -> list[list[Tile]]:
     """Images laid out `ncol` to a row, each labelled with its index (a sheet to pick exemplars from)."""
     cells = [(img, f"#{first + i}") for i, img in enumerate(images)]
@@ -43,8 +54,7 @@ def numbered_rows(images: torch.Tensor, ncol: int, first: int = 0) -> list[list[
 
 def _to_pil(image: torch.Tensor, tile: int) -> Image.Image:
     # Nearest-neighbour upscaling keeps small samples' pixels honest while making room for legible labels.
-    x = F.interpolate(image[None].float().cpu(), size=(tile, tile), mode="nearest")[0]
-    u8 = x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    u8 = to_uint8(F.interpolate(image[None].float().cpu(), size=(tile, tile), mode="nearest")[0])
     if u8.shape[0] == 1:
         u8 = u8.expand(3, -1, -1)
     return Image.fromarray(u8.permute(1, 2, 0).numpy())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import dist
+from . import context as dist
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:

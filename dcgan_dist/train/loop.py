@@ -1,28 +1,30 @@
-"""Train DCGAN: `python -m dcgan_dist.train [--config FILE] [--run-dir DIR] [key=value ...]`.
+"""The training loop: `train(cfg)` runs to cfg.train.images and checkpoints on the way.
 
 The same `train()` runs in a plain local process, under torchrun, and as Ray Train's per-worker function
-(launch.py). Progress is counted in images seen by D across all ranks; a rerun with the same run directory
-resumes from the newest checkpoint.
+(distributed/ray_launch.py is handed it; this module knows nothing of Ray). Progress is counted in images seen
+by D across all ranks; a rerun with the same run directory resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import builtin, checkpoint, data, dist, evalhook, models, perf, storage, syncbn
-from . import config as config_mod
-from .config import Config
-from .step import STAT_NAMES, CudaGraphStep, gan_step
+from .. import checkpoint, files, models, pixels
+from .. import config as config_mod
+from ..config import Config
+from ..data.shardset import resolve
+from ..data.stream import make_loader
+from ..distributed import context as dist
+from ..evaluate import during_training
+from . import perf
+from .nets import build_nets, make_step
+from .runlog import RunLog
+from .step import STAT_NAMES
 
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]
@@ -33,59 +35,6 @@ def z_for_step(cfg: Config, step: int, rank: int, n: int, device: torch.device) 
     gen = torch.Generator(device=device)
     gen.manual_seed((cfg.train.seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step) % 2 ** 63)
     return models.sample_z(n, cfg.model, device=device, generator=gen)
-
-
-def prepare_data(cfg: Config) -> None:
-    """Write the configured built-in set as shards if data.shards does not exist yet."""
-    if cfg.data.builtin and not storage.is_remote(cfg.data.shards) and not Path(cfg.data.shards).exists():
-        print(f"writing built-in data set {cfg.data.builtin!r} as shards under {cfg.data.shards}", flush=True)
-        builtin.ensure_shards(cfg.data.builtin, cfg.data.shards)
-
-
-@dataclass
-class Nets:
-    """G, D, their optimizers and the step's precision; G and D get their DDP/compile wrappers in make_step."""
-    G: nn.Module
-    D: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    prec: perf.Precision
-    graphed: bool
-
-
-def build_nets(cfg: Config, ctx: dist.Context) -> Nets:
-    """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers."""
-    device = ctx.device
-    torch.manual_seed(cfg.train.seed)
-    fmt = perf.memory_format(cfg.perf.channels_last)
-    G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
-    if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
-        G, D = syncbn.convert(G), syncbn.convert(D)
-    graphed = perf.cuda_graph_enabled(cfg.perf.cuda_graph, device)
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam, capturable=graphed)
-    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam, capturable=graphed)
-    return Nets(G, D, opt_g, opt_d, perf.precision(cfg.perf.amp, device, cuda_graph=graphed), graphed)
-
-
-def make_step(nets: Nets, cfg: Config, ctx: dist.Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Wrap G and D (torch.compile, then DDP) and return step(real, z) -> statistics, graphed if configured."""
-    torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # shapes never change: pick the fastest kernels
-    G, D = perf.compiled(nets.G, cfg.perf.compile), perf.compiled(nets.D, cfg.perf.compile)
-    side = torch.cuda.Stream() if nets.graphed else None  # whole-step capture wants DDP built on its stream
-    if ctx.distributed:
-        # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
-        # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
-        # these small models overlap their backward.
-        device = ctx.device
-        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-                   bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
-        with torch.cuda.stream(side) if side is not None else nullcontext():
-            G, D = DDP(G, **ddp), DDP(D, **ddp)
-    nets.G, nets.D = G, D
-    if nets.graphed:
-        return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side)
-    return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec)
 
 
 def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None) -> dict:
@@ -113,8 +62,8 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     step_fn = make_step(nets, cfg, ctx)
     G, D, fmt = nets.G, nets.D, perf.memory_format(cfg.perf.channels_last)
 
-    shards = data.resolve(cfg.data.shards)
-    loader = data.make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=step,
+    shards = resolve(cfg.data.shards)
+    loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=step,
                               pin_memory=device.type == "cuda")
     batches = iter(loader)
     per_step = cfg.train.batch_size * ctx.world_size
@@ -126,13 +75,11 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-        from .runlog import RunLog
-
+        files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
         log = RunLog(run_dir, cfg, total_steps * per_step, images_seen)
         if resume_from is not None:
             log.message(f"resumed from {resume_from} at {images_seen} images")
-    evaluator = evalhook.build(cfg, ctx)  # FID or coverage every eval.every_images, on rank 0; None when off
+    evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images, on rank 0; None when off
 
     stat_sum = torch.zeros(len(STAT_NAMES), device=device)
     steps_in_window, window_start = 0, time.perf_counter()
@@ -141,8 +88,8 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     while step < total_steps:
         images_u8, n_skipped, n_bad_shards = next(batches)
         if log is not None and images_seen == 0:
-            log.grid("real", data.to_float(images_u8[: cfg.log.grid_size], device), 0)
-        real = data.to_float(images_u8, device).contiguous(memory_format=fmt)
+            log.grid("real", pixels.from_uint8(images_u8[: cfg.log.grid_size], device), 0)
+        real = pixels.from_uint8(images_u8, device).contiguous(memory_format=fmt)
         z = z_for_step(cfg, step, ctx.rank, real.shape[0], device)
 
         stat_sum += step_fn(real, z)
@@ -171,23 +118,20 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
             steps_in_window, window_start = 0, time.perf_counter()
 
         if log is not None and crossed(cfg.log.sample_every_images):
-            g = perf.base_module(G)
-            g.eval()  # sample with running batchnorm statistics: no side effect on training
-            with torch.no_grad():
+            with models.eval_mode(models.base_module(G)) as g:
                 grid = g(fixed_z)
-            g.train()
             log.grid("samples/fixed_noise", grid, images_seen,
                      run_dir / "samples" / f"samples-{images_seen:012d}.png")
 
         if evaluator is not None and crossed(cfg.eval.every_images):
-            evaluator(perf.base_module(G), perf.base_module(D), images_seen, log)
+            evaluator(models.base_module(G), models.base_module(D), images_seen, log)
 
         if crossed(cfg.log.checkpoint_every_images):
             path = None
             all_skipped = dist.gather_lists(skipped)
             if ctx.is_main:
                 state = {
-                    "G": perf.base_module(G).state_dict(), "D": perf.base_module(D).state_dict(),
+                    "G": models.base_module(G).state_dict(), "D": models.base_module(D).state_dict(),
                     "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
                     "images": images_seen, "step": step, "world_size": ctx.world_size, "skipped": all_skipped,
                     "rng": checkpoint.rng_state(), "config": config_mod.to_dict(cfg),
@@ -202,34 +146,3 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
                     f"  samples: {run_dir / 'samples'}\n  checkpoint: {checkpoint.latest(run_dir)}")
         log.close()
     return metrics
-
-
-def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {config_mod.DEFAULT_CONFIG.name})")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.images=100000")
-    args = parser.parse_args(argv)
-    cfg = config_mod.load_or_exit(args.config, args.overrides)
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    return cfg, args
-
-
-def main(argv=None) -> None:
-    cfg, _ = parse_args(argv)
-    prepare_data(cfg)
-    try:
-        data.resolve(cfg.data.shards)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}")
-    if cfg.trainer.num_workers > 0:
-        from . import launch
-
-        launch.run(cfg)
-    else:
-        train(cfg)
-
-
-if __name__ == "__main__":
-    main()
