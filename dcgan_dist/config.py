@@ -7,10 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """configs/ at the top of a source checkout; inside the package in a built wheel (pyproject maps it there)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if (candidate / "mnist_local.yaml").is_file():
+            return candidate
+    return here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_CONFIG = CONFIG_DIR / "mnist_local.yaml"
 
 
@@ -110,59 +121,95 @@ class Config:
     run_dir: str = "runs/default"
 
 
+# Every numeric key's allowed range: (lowest, highest), None for no bound; "<" before a bound excludes it.
+# tests/test_config.py checks that every int or float field of the schema is listed here.
+RANGES: dict[str, tuple] = {
+    "model.nz": (1, None), "model.ngf": (1, None), "model.ndf": (1, None),
+    "data.size": (1, None), "data.shuffle_buffer": (1, None), "data.num_workers": (0, None),
+    "data.prefetch": (1, None), "data.read_retries": (0, None), "data.retry_backoff": (0, None),
+    "data.io_timeout": ("<", 0, None),
+    "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
+    "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
+    "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
+    "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
+    "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),
+    "perf.ddp_bucket_mb": (1, None),
+    "eval.every_images": (1, None), "eval.samples": (2, None), "eval.real_samples": (2, None),
+}
+CHOICES: dict[str, tuple] = {
+    "model.resolution": (32, 64, 128), "model.channels": (1, 3), "model.kernel": (4, 5),
+    "model.z_prior": ("normal", "uniform"), "train.device": ("auto", "cpu", "cuda"),
+    "perf.amp": ("auto", "fp32", "bf16", "fp16"),
+    "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "eval.metric": (None, "fid", "coverage"),
+    "eval.inception_dims": (64, 192, 768, 2048),  # fid.DIMS, not imported: config stays free of torch
+}
+
+
+def _range_error(key: str, value, bounds: tuple) -> str | None:
+    """Why value is outside bounds, or None when it is inside (None values are 'not set' and always fine)."""
+    if value is None:
+        return None
+    low_open = bounds[0] == "<"
+    rest = bounds[1:] if low_open else bounds
+    low, high = rest[0], rest[-1]
+    high_open = len(rest) == 3
+    if low is not None and (value <= low if low_open else value < low):
+        return f"{key}: must be {'greater than' if low_open else 'at least'} {low}, got {value}"
+    if high is not None and (value >= high if high_open else value > high):
+        return f"{key}: must be {'less than' if high_open else 'at most'} {high}, got {value}"
+    return None
+
+
 def _checked(cfg) -> Config:
-    m = cfg.model
-    if m.resolution not in (32, 64, 128):
-        raise ConfigError(f"model.resolution: {m.resolution} is not one of 32, 64, 128")
-    if m.kernel not in (4, 5):
-        raise ConfigError(f"model.kernel: {m.kernel} is not 4 or 5")
-    if m.z_prior not in ("normal", "uniform"):
-        raise ConfigError(f"model.z_prior: {m.z_prior!r} is not 'normal' or 'uniform'")
-    if m.channels not in (1, 3):
-        raise ConfigError(f"model.channels: {m.channels} is not 1 or 3")
-    for key, allowed in (("perf.amp", ("auto", "fp32", "bf16", "fp16")),
-                         ("perf.compile", ("none", "default", "max-autotune", "reduce-overhead",
-                                           "max-autotune-no-cudagraphs"))):
-        value = getattr(cfg.perf, key.split(".")[1])
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: {cfg.train.device!r} is not auto, cpu or cuda")
-    for key in ("train.images", "train.batch_size", "log.every_images", "log.sample_every_images",
-                "log.checkpoint_every_images", "log.keep_checkpoints", "data.shuffle_buffer", "data.io_timeout"):
+    for key, allowed in CHOICES.items():
         section, name = key.split(".")
-        if getattr(cfg[section], name) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg[section], name)}")
-    for name in ("read_retries", "retry_backoff"):
-        if getattr(cfg.data, name) < 0:
-            raise ConfigError(f"data.{name}: must not be negative, got {getattr(cfg.data, name)}")
-    _check_eval(cfg.eval)
-    return cfg
-
-
-def _check_eval(e: EvalConfig) -> None:
-    if e.metric not in (None, "fid", "coverage"):
-        raise ConfigError(f"eval.metric: {e.metric!r} is not null, 'fid' or 'coverage'")
+        value = getattr(cfg[section], name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    for key, bounds in RANGES.items():
+        section, name = key.split(".")
+        problem = _range_error(key, getattr(cfg[section], name), bounds)
+        if problem:
+            raise ConfigError(problem)
+    e = cfg.eval
     if e.metric == "fid" and not e.inception_weights:
         raise ConfigError("eval.inception_weights: eval.metric=fid needs an Inception-v3 weights file "
                           "(docs/evaluate.md says where to get it)")
-    if e.inception_dims not in (64, 192, 768, 2048):  # fid.DIMS, not imported: config stays free of torch
-        raise ConfigError(f"eval.inception_dims: {e.inception_dims} is not one of 64, 192, 768, 2048")
-    if e.every_images <= 0:
-        raise ConfigError(f"eval.every_images: must be positive, got {e.every_images}")
-    for name in ("samples", "real_samples"):
-        if getattr(e, name) < 2:
-            raise ConfigError(f"eval.{name}: must be at least 2, got {getattr(e, name)}")
+    return cfg
+
+
+def find(name: str | Path | None) -> Path:
+    """A config file: a path, or the name of a shipped config (`lsun_bedroom_64` or `lsun_bedroom_64.yaml`)."""
+    if name is None:
+        return DEFAULT_CONFIG
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if path.parent == Path(".") and candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {name} does not exist (shipped configs: {shipped})")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema defaults, then the YAML file, then key=value overrides; raise ConfigError naming any bad key."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = find(path)
     schema = OmegaConf.structured(Config)
     try:
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        layers = [schema, OmegaConf.load(path)]
+        try:
+            from_file = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+        except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+        if not isinstance(from_file, DictConfig):
+            raise ConfigError(f"{path}: a config file holds a mapping of sections (model:, train:, ...), "
+                              f"not a {type(from_file).__name__}")
+        layers = [schema, from_file]
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -59,3 +59,74 @@ def test_cli_exits_nonzero_naming_the_key(tmp_path):
     assert r.returncode == 2
     assert "train.bogus" in r.stderr
     assert not list(Path(tmp_path).iterdir())  # nothing was written
+
+
+def _numeric_keys():
+    """Every int or float key of the schema, as section.name."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(config.Config):
+        if not dataclasses.is_dataclass(section.default_factory if section.default_factory is not
+                                        dataclasses.MISSING else None):
+            continue
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            if base[0] in (int, float) and base[0] is not bool:
+                keys.append(f"{section.name}.{f.name}")
+    return keys
+
+
+def test_every_numeric_key_has_a_range_or_choices():
+    keys = _numeric_keys()
+    assert len(keys) > 30
+    missing = [k for k in keys if k not in config.RANGES and k not in config.CHOICES]
+    assert not missing, f"numeric keys without a range check: {missing}"
+
+
+def _bad_value(key):
+    if key in config.CHOICES:
+        return 7
+    bounds = config.RANGES[key]
+    if bounds[0] == "<":
+        return bounds[1]  # the excluded lower bound itself
+    if bounds[-2:-1] == ("<",) or (len(bounds) == 3 and bounds[1] == "<"):
+        return bounds[-1]  # the excluded upper bound itself
+    return bounds[0] - 1
+
+
+@pytest.mark.parametrize("key", sorted(set(config.RANGES) | {k for k in config.CHOICES if k != "eval.metric"}))
+def test_every_key_rejects_a_bad_value_naming_it(key):
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.load(None, [f"{key}={_bad_value(key)}"])
+
+
+@pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "model.nz=0", "data.num_workers=-1",
+                                      "data.prefetch=0", "log.grid_size=0"])
+def test_cli_rejects_bad_values_with_status_2(override, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", override, f"run_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and override.split("=")[0] in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train:\n  images: 10\nmodel: [1, 2\n")
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "broken.yaml" in r.stderr and "line" in r.stderr and "not valid YAML" in r.stderr
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(config.ConfigError, match="mapping of sections"):
+        config.load(listed)
+
+
+def test_shipped_config_by_name():
+    assert config.find("lsun_bedroom_64") == config.CONFIG_DIR / "lsun_bedroom_64.yaml"
+    assert config.find("faces_64.yaml") == config.CONFIG_DIR / "faces_64.yaml"
+    with pytest.raises(config.ConfigError, match="shipped configs: .*mnist_local"):
+        config.find("no_such_config")

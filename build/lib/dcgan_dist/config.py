@@ -1,0 +1,247 @@
+"""The configuration schema: dataclasses that validate every YAML in configs/ and every key=value override."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+def _config_dir() -> Path:
+    """configs/ at the top of a source checkout; inside the package in a built wheel (pyproject maps it there)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if (candidate / "mnist_local.yaml").is_file():
+            return candidate
+    return here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
+DEFAULT_CONFIG = CONFIG_DIR / "mnist_local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 64          # 32, 64 or 128; the number of (de)convolutions is log2(resolution / 4)
+    channels: int = 3             # image channels: 3 for RGB, 1 for greyscale sets such as MNIST
+    nz: int = 100                 # size of the latent vector z
+    ngf: int = 64                 # G's width at its last hidden layer; doubles towards the 4x4 input
+    ndf: int = 64                 # D's width at its first layer; doubles towards the 4x4 output
+    kernel: int = 4               # 4: the common PyTorch form; 5: the paper's 5x5 convolutions
+    z_prior: str = "normal"       # "normal" N(0, 1) or "uniform" U(-1, 1) as in the paper
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/mnist5k"  # a shard directory or manifest.json, a brace pattern, or URLs joined by "::"
+    builtin: Optional[str] = None   # "mnist5k": write these shards first if `shards` holds none yet
+    size: Optional[int] = None      # images in the data set; read from manifest.json when that exists
+    resample: bool = True           # draw shards with replacement (endless); False reads each once per pass
+    shuffle_buffer: int = 2000      # samples held in each loader worker's shuffle buffer
+    num_workers: int = 2            # DataLoader worker processes per rank
+    prefetch: int = 4               # batches each worker keeps ready
+    read_retries: int = 3           # retries of a failed remote shard read before the shard is skipped and counted
+    retry_backoff: float = 1.0      # seconds before the first retry; doubled for each later one (with jitter)
+    io_timeout: float = 30.0        # seconds a remote connect or read may stall before the attempt counts as failed
+
+
+@dataclass
+class TrainConfig:
+    images: int = 60_000          # total images seen by D (all ranks together) before the run ends
+    batch_size: int = 128         # per-rank batch; the global batch is batch_size x world size
+    lr_d: float = 2e-4            # Adam learning rate for D (the paper: 0.0002)
+    lr_g: float = 2e-4            # Adam learning rate for G
+    beta1: float = 0.5            # the paper: 0.5 (0.9 oscillated)
+    beta2: float = 0.999
+    seed: int = 0
+    device: str = "auto"          # auto, cpu, cuda
+
+
+@dataclass
+class LogConfig:
+    every_images: int = 5_000         # scalars to TensorBoard and the terminal
+    sample_every_images: int = 20_000  # fixed-noise sample grid
+    checkpoint_every_images: int = 20_000
+    keep_checkpoints: int = 3         # newest K kept, older ones deleted
+    grid_size: int = 64               # images in each sample grid
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 0      # Ray Train workers; 0 runs in this process without Ray
+    use_gpu: bool = False     # one GPU per worker and NCCL; false: CPU workers over gloo
+    sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
+    max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
+    storage_path: Optional[str] = None  # Ray checkpoint storage shared by all nodes (NFS path, s3://, gs://);
+                                        # default: <run_dir>/ray, which suits one machine only
+
+
+@dataclass
+class PerfConfig:
+    amp: str = "auto"             # auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16, or fp16 with gradient scaling
+    channels_last: bool = False   # NHWC memory format: faster convolutions on tensor-core GPUs
+    compile: str = "none"         # torch.compile mode for G and D: none, default, max-autotune, reduce-overhead
+    fused_adam: Optional[bool] = None  # fused Adam kernels; null: fused on CUDA, not on the CPU
+    ddp_bucket_mb: int = 4        # DDP gradient bucket size: small buckets overlap the all-reduce of small models
+    cuda_graph: Optional[bool] = False  # capture the whole step as one CUDA graph; null: on whenever CUDA is used
+
+
+@dataclass
+class EvalConfig:
+    """Sample quality measured during training (evaluate/during_training.py); docs/evaluate.md has the commands behind it."""
+    metric: Optional[str] = None  # null: off; "fid" (needs inception_weights) or "coverage" (needs `cls` labels)
+    every_images: int = 20_000    # evaluate whenever this many more images have been seen, and at the end
+    samples: int = 2_000          # generated samples per evaluation (the same latent draws every time)
+    shards: Optional[str] = None  # real images to compare with (coverage: labelled); default: data.shards
+    real_samples: int = 10_000    # real images read once: FID reference statistics, or the coverage judge's data
+    inception_weights: Optional[str] = None  # Inception-v3 FID weights file on disk; nothing is downloaded
+    inception_dims: int = 2048    # Inception pool features: 2048 (the standard FID), 768, 192 or 64
+    keep_best: bool = True        # write checkpoints/best.pt whenever the score improves
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = "runs/default"
+
+
+# Every numeric key's allowed range: (lowest, highest), None for no bound; "<" before a bound excludes it.
+# tests/test_config.py checks that every int or float field of the schema is listed here.
+RANGES: dict[str, tuple] = {
+    "model.nz": (1, None), "model.ngf": (1, None), "model.ndf": (1, None),
+    "data.size": (1, None), "data.shuffle_buffer": (1, None), "data.num_workers": (0, None),
+    "data.prefetch": (1, None), "data.read_retries": (0, None), "data.retry_backoff": (0, None),
+    "data.io_timeout": ("<", 0, None),
+    "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
+    "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
+    "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
+    "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
+    "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),
+    "perf.ddp_bucket_mb": (1, None),
+    "eval.every_images": (1, None), "eval.samples": (2, None), "eval.real_samples": (2, None),
+}
+CHOICES: dict[str, tuple] = {
+    "model.resolution": (32, 64, 128), "model.channels": (1, 3), "model.kernel": (4, 5),
+    "model.z_prior": ("normal", "uniform"), "train.device": ("auto", "cpu", "cuda"),
+    "perf.amp": ("auto", "fp32", "bf16", "fp16"),
+    "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "eval.metric": (None, "fid", "coverage"),
+    "eval.inception_dims": (64, 192, 768, 2048),  # fid.DIMS, not imported: config stays free of torch
+}
+
+
+def _range_error(key: str, value, bounds: tuple) -> str | None:
+    """Why value is outside bounds, or None when it is inside (None values are 'not set' and always fine)."""
+    if value is None:
+        return None
+    low_open = bounds[0] == "<"
+    rest = bounds[1:] if low_open else bounds
+    low, high = rest[0], rest[-1]
+    high_open = len(rest) == 3
+    if low is not None and (value <= low if low_open else value < low):
+        return f"{key}: must be {'greater than' if low_open else 'at least'} {low}, got {value}"
+    if high is not None and (value >= high if high_open else value > high):
+        return f"{key}: must be {'less than' if high_open else 'at most'} {high}, got {value}"
+    return None
+
+
+def _checked(cfg) -> Config:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(cfg[section], name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    for key, bounds in RANGES.items():
+        section, name = key.split(".")
+        problem = _range_error(key, getattr(cfg[section], name), bounds)
+        if problem:
+            raise ConfigError(problem)
+    e = cfg.eval
+    if e.metric == "fid" and not e.inception_weights:
+        raise ConfigError("eval.inception_weights: eval.metric=fid needs an Inception-v3 weights file "
+                          "(docs/evaluate.md says where to get it)")
+    return cfg
+
+
+def find(name: str | Path | None) -> Path:
+    """A config file: a path, or the name of a shipped config (`lsun_bedroom_64` or `lsun_bedroom_64.yaml`)."""
+    if name is None:
+        return DEFAULT_CONFIG
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if path.parent == Path(".") and candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {name} does not exist (shipped configs: {shipped})")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults, then the YAML file, then key=value overrides; raise ConfigError naming any bad key."""
+    path = find(path)
+    schema = OmegaConf.structured(Config)
+    try:
+        try:
+            from_file = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+        except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+        if not isinstance(from_file, DictConfig):
+            raise ConfigError(f"{path}: a config file holds a mapping of sections (model:, train:, ...), "
+                              f"not a {type(from_file).__name__}")
+        layers = [schema, from_file]
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{path}: key {key}: {err.msg if hasattr(err, 'msg') else err}") from None
+    return _checked(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """A config saved beside a run or in a checkpoint, validated against today's schema."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"key {getattr(err, 'full_key', '?')}: {err}") from None
+    return _checked(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def load_or_exit(path, overrides) -> Config:
+    """load() for command-line entry points: a bad config prints one line and exits with status 2."""
+    try:
+        return load(path, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2)

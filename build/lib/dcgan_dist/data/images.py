@@ -1,0 +1,135 @@
+"""Image operations of both paths: decode any input, centre crop, antialiased resize (the shard tool and the
+trainer share them, so a shard decodes the same in both), encode (the shard tool).
+
+Arrays are uint8 (H, W, C) with C = 1 (greyscale stays greyscale) or 3. Decoding is strict: a truncated or corrupt
+file raises BadImage with a readable reason instead of yielding grey padding.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+FORMATS = ("jpg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # image fields of a sample, and image files of a source
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_ADDRESS = re.compile(r" ?<[^>]* at 0x[0-9a-f]+>")  # object reprs would make manifests differ run to run
+
+
+class BadImage(ValueError):
+    """An input that is not a usable image; the message is the reason recorded in the manifest."""
+
+
+def reason(err: Exception) -> str:
+    """Why an input was dropped, in words that are the same on every run (no object addresses)."""
+    if isinstance(err, BadImage):
+        return str(err)
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image: unrecognised format"
+    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+
+
+def _as_hwc(arr: np.ndarray) -> np.ndarray:
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _decode_jpeg(data: bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """libjpeg-turbo, scaled in the DCT domain to no less than min_side: several times faster than PIL."""
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    grey = colorspace == "Gray"
+    arr = simplejpeg.decode_jpeg(data, "GRAY" if grey else "RGB", min_height=min_side, min_width=min_side)
+    return _as_hwc(arr), (height, width)
+
+
+def _decode_pil(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+        arr = np.asarray(img.convert("L" if grey else "RGB"))
+    return _as_hwc(arr), arr.shape[:2]
+
+
+def decode(data: bytes, min_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes -> (uint8 HWC array, original (height, width)); JPEGs may come out scaled down to >= min_side."""
+    if not data:
+        raise BadImage("zero-byte file")
+    if data.startswith(_JPEG_MAGIC):
+        try:
+            return _decode_jpeg(data, min_side)
+        except ValueError:
+            pass  # CMYK and other rarities libjpeg-turbo refuses; PIL decides, and names the fault if it also fails
+    try:
+        return _decode_pil(data)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad files
+        raise BadImage(reason(err)) from None
+
+
+def from_array(arr: np.ndarray) -> np.ndarray:
+    """An in-memory image (H, W) or (H, W, 1|3) as a contiguous uint8 HWC array."""
+    arr = _as_hwc(np.asarray(arr))
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise BadImage(f"unsupported array {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def resize_box(arr: np.ndarray, box: tuple[int, int, int], size: int) -> np.ndarray:
+    """The square box (left, top, side) of arr, resized to size x size with Lanczos (antialiased) filtering."""
+    left, top, side = box
+    crop = np.ascontiguousarray(arr[top:top + side, left:left + side])
+    if side == size:
+        return crop
+    # The crop is cut out first: resize(box=...) would let the filter reach pixels outside the box.
+    return _as_hwc(np.asarray(_pil(crop).resize((size, size), Image.LANCZOS)))
+
+
+def centre_box(height: int, width: int) -> tuple[int, int, int]:
+    """The largest centred square: (left, top, side)."""
+    side = min(height, width)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+def centre_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop to a square and resize to size x size, antialiased."""
+    return resize_box(arr, centre_box(*arr.shape[:2]), size)
+
+
+def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    """uint8 HWC -> jpg (libjpeg-turbo, 4:4:4), png or webp bytes; the same array always gives the same bytes."""
+    if fmt == "jpg":
+        colorspace = "GRAY" if arr.shape[2] == 1 else "RGB"
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality, colorspace, "444")
+    buf = io.BytesIO()
+    if fmt == "png":
+        _pil(arr).save(buf, format="PNG", compress_level=6)
+    elif fmt == "webp":
+        _pil(arr).save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; known: {', '.join(FORMATS)}")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
+    """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
+    arr, _ = decode(data, min_side=resolution)
+    if arr.shape[2] != channels:
+        img = _pil(arr).convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(img).reshape(*arr.shape[:2], channels)
+    if arr.shape[:2] != (resolution, resolution):
+        arr = centre_square(arr, resolution)
+    return arr
+
+
+def image_field(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (its first field named like an image)."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")

@@ -1,0 +1,66 @@
+"""What data.shards names: a shard directory, a manifest (local or on a bucket), brace patterns or URLs."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from braceexpand import braceexpand
+
+from . import storage
+from .manifest import MANIFEST, read_manifest
+
+
+@dataclass
+class ShardSet:
+    """Where the shards are and, when a manifest says so, how many samples each holds."""
+    urls: list[str]
+    counts: list[int] | None = None
+
+    @property
+    def size(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def _manifest_of(spec: str) -> str | None:
+    """The manifest a data.shards spec names, or None when it names shards directly."""
+    if storage.is_remote(spec) and spec.endswith("/"):
+        return spec + MANIFEST  # a bucket prefix: its manifest names the shards, no listing
+    if os.path.isdir(spec):
+        path = os.path.join(spec, MANIFEST)
+        return path if os.path.exists(path) else None  # without a manifest: glob the directory's tar files
+    return spec if spec.endswith(".json") else None
+
+
+def resolve(spec: str) -> ShardSet:
+    """Turn data.shards (a directory, a manifest, brace patterns or URLs joined by '::') into a ShardSet."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
+    manifest_path = _manifest_of(spec)
+    if manifest_path is not None:
+        if not storage.is_remote(manifest_path) and not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"data.shards: manifest {manifest_path} does not exist")
+        manifest = read_manifest(manifest_path)
+        base = os.path.dirname(manifest_path)
+        urls = [os.path.join(base, s["name"]) for s in manifest["shards"]]
+        if not urls:
+            raise ValueError(f"data.shards: manifest {manifest_path} lists no shards")
+        return ShardSet(urls, [int(s["count"]) for s in manifest["shards"]])
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        urls = [u for part in spec.split("::") for u in braceexpand(part)]
+    missing = [u for u in urls if not storage.is_remote(u) and not os.path.exists(u)]
+    if not urls or len(missing) == len(urls):
+        raise FileNotFoundError(f"data.shards {spec!r} matches no shard")
+    if missing:
+        raise FileNotFoundError(f"data.shards {spec!r}: {len(missing)} shards do not exist, first {missing[0]}")
+    remote = [u for u in urls if storage.is_remote(u)]
+    if remote:
+        try:  # one request: an unreachable store or a wrong prefix fails here, not as a skip of every shard
+            storage.check_readable(remote[0])
+        except OSError as err:
+            raise ValueError(f"data.shards {spec!r}: {err}") from err
+    return ShardSet(urls)

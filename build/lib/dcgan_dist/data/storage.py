@@ -1,0 +1,116 @@
+"""Where shards live: local paths, s3://, gs://, http(s):// (through fsspec) and pipe: (through WebDataset).
+
+Credentials and endpoints come from the places each cloud library already reads: the environment, ~/.aws, the
+instance role, gcloud's application-default credentials; AWS_ENDPOINT_URL points S3 at MinIO or a loopback
+server, STORAGE_EMULATOR_HOST does the same for GCS. Nothing here reads a secret from our configs.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+import time
+from typing import IO, Iterator
+
+import aiohttp
+import fsspec
+
+from . import tarread
+
+DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read may stall before the attempt counts as failed
+_HTTP_BUFFER = 1 << 20
+_jitter = random.Random()  # private: retry timing must not touch the random state that checkpoints restore
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs (s3://, gs://, http(s)://, pipe:, ...); False for local paths."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def _options(protocol: str, timeout: float) -> dict:
+    """fsspec options that bound how long a connect or a read may stall, so a dead endpoint fails, not hangs."""
+    stall = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+    if protocol in ("http", "https"):
+        return {"client_kwargs": {"timeout": stall}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout}}
+    if protocol in ("gs", "gcs"):
+        return {"requests_timeout": stall}
+    return {}
+
+
+def filesystem(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path within it) for a local path or URL."""
+    return fsspec.core.url_to_fs(url, **_options(fsspec.utils.get_protocol(url), timeout))
+
+
+def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
+    """A binary stream over a whole object, read front to back."""
+    if url.startswith("pipe:"):
+        # Imported here: webdataset imports torch, which the shard tool and its workers never need.
+        from webdataset import gopen
+
+        return gopen.gopen(url)
+    fs, path = filesystem(url, timeout)
+    if fsspec.utils.get_protocol(url) in ("http", "https"):
+        # One streaming GET instead of a HEAD and ranged reads, which not every web server supports; buffered
+        # here, since each read of the raw stream is a round trip to fsspec's event-loop thread.
+        return io.BufferedReader(fs.open(path, "rb", block_size=0), buffer_size=_HTTP_BUFFER)
+    return fs.open(path, "rb")
+
+
+def read_bytes(url: str, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """A whole (small) object: a manifest, say. Errors name the URL."""
+    fs, path = filesystem(url, timeout)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+    except Exception as err:
+        raise OSError(f"cannot read {url}: {type(err).__name__}: {err}") from err
+
+
+def check_readable(url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Fail at start-up, naming the URL, when an object is missing or its store cannot be reached."""
+    if url.startswith("pipe:"):
+        return
+    fs, path = filesystem(url, timeout)
+    try:
+        fs.info(path)
+    except Exception as err:
+        # fsspec's HTTP reports every failure as FileNotFoundError; its cause tells a dead server from a 404.
+        cause = err.__cause__ if isinstance(err.__cause__, aiohttp.ClientConnectionError) else err
+        if isinstance(cause, FileNotFoundError):
+            raise FileNotFoundError(f"{url} does not exist") from None
+        raise OSError(f"cannot reach {url}: {type(cause).__name__}: {cause}") from err
+
+
+def _retryable(url: str, err: Exception) -> bool:
+    # A local read that failed fails again; a missing or forbidden object will not appear within seconds.
+    return is_remote(url) and not isinstance(err, (FileNotFoundError, PermissionError))
+
+
+def tar_samples(url: str, retries: int = 3, backoff: float = 1.0,
+                timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict]:
+    """The samples of one tar shard in order; a failed remote read is retried, resuming after the last sample given.
+
+    A retry reopens the shard and passes over the samples already yielded, so the caller sees exactly the samples
+    of an unbroken read. After `retries` retries (waits of backoff, 2 x backoff, ...) the last error is raised.
+    """
+    done = 0
+    for attempt in range(retries + 1):
+        try:
+            with open_read(url, timeout) as stream:
+                for j, sample in enumerate(tarread.samples(stream, url)):
+                    if j >= done:
+                        done += 1
+                        yield sample
+            return
+        except Exception as err:
+            if attempt == retries or not _retryable(url, err):
+                raise
+            wait = backoff * 2 ** attempt * (0.5 + _jitter.random())  # jitter: ranks do not retry in lockstep
+            print(f"dcgan_dist.storage: reading {url} failed after {done} samples ({type(err).__name__}: {err}); "
+                  f"retry {attempt + 1} of {retries} in {wait:.1f} s", file=sys.stderr)
+            time.sleep(wait)

@@ -1,0 +1,181 @@
+"""Streaming tar shards into uint8 image batches: deterministic, resumable, split across ranks and loader workers.
+
+The stream is endless and cut into passes of a fixed number of steps, identical on every rank, so no rank ever
+waits in a collective for another. Batch i of a pass always holds the same images whatever the number of restarts:
+pass p is made of `num_workers` virtual streams, each seeded by (seed, p, rank, stream), and batch i comes from
+stream i % num_workers. A resumed run maps its loader workers onto those streams and fast-forwards, so a killed
+and resumed run sees exactly the batches an uninterrupted one would have.
+
+Batches are uint8 (N, H, W, C), as decoders produce them; the transposition and the conversion to floats in
+[-1, 1] happen on the training device (pixels.from_uint8), which keeps loader-to-trainer traffic four times smaller and
+spares the loader workers a copy. NHWC is channels_last: on a GPU that path needs no transposing copy at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import sys
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import Config
+from . import storage
+from .images import decode_image, image_field
+from .shardset import ShardSet
+
+_MAX_REPORTED = 20  # corrupt samples named on stderr per worker; the rest are only counted
+
+
+class ShardStream(IterableDataset):
+    """Endless batches for one rank: (uint8 images, corrupt samples skipped, shards skipped since the last)."""
+
+    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int = 0):
+        self.shards = shards
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = cfg.train.batch_size
+        self.resolution, self.channels = cfg.model.resolution, cfg.model.channels
+        self.buffer_size = cfg.data.shuffle_buffer
+        self.resample = cfg.data.resample
+        self.seed = cfg.train.seed
+        self.read_options = {"retries": cfg.data.read_retries, "backoff": cfg.data.retry_backoff,
+                             "timeout": cfg.data.io_timeout}
+        self.streams = max(1, cfg.data.num_workers)
+        self.steps_per_pass = steps_per_pass(shards, cfg, world_size)
+        self.start_step = start_step
+
+    # -- which samples a virtual stream reads in one pass ---------------------------------------------------
+    def _rounds(self, pass_idx: int, stream: int, rng: random.Random) -> Iterator[Iterator[tuple[str, int, int]]]:
+        """Rounds of (url, modulus, remainder) to read: keep sample j of the url when j % modulus == remainder.
+
+        Resampling is one endless round of shards drawn with replacement. Without it, a slot (rank, stream) owns
+        a disjoint share of the pass's shard order (or, with fewer shards than slots, every nslots-th sample of
+        the pass counted across shard boundaries, so slots differ by at most one sample), and reads it again in
+        a new round only if corrupt samples left it short.
+        """
+        urls = self.shards.urls
+        if self.resample:
+            yield ((rng.choice(urls), 1, 0) for _ in itertools.count())
+            return
+        nslots = self.world_size * self.streams
+        slot = self.rank * self.streams + stream
+        order = list(range(len(urls)))
+        random.Random(f"order-{self.seed}-{pass_idx}").shuffle(order)  # the same on every rank
+        starts = itertools.accumulate((self.shards.counts[i] for i in order), initial=0)
+        mine = [(urls[i], 1, 0) for i in order[slot::nslots]] if len(urls) >= nslots else \
+               [(urls[i], nslots, (slot - start) % nslots) for i, start in zip(order, starts)]
+        while True:
+            yield iter(mine)
+
+    def _read(self, sources: Iterator[tuple[str, int, int]]) -> Iterator[dict]:
+        for url, modulus, remainder in sources:
+            got = 0
+            try:
+                for j, sample in enumerate(storage.tar_samples(url, **self.read_options)):
+                    if j % modulus == remainder:
+                        got += 1
+                        yield sample
+            except Exception as err:  # missing, unreadable, truncated or still failing after retries: counted
+                self.bad_shards += 1
+                print(f"dcgan_dist.data: skipping shard {url}: {type(err).__name__}: {err}", file=sys.stderr)
+            self.failed_reads = 0 if got else self.failed_reads + 1
+            if self.failed_reads > 2 * len(self.shards.urls) + 8:
+                raise RuntimeError(f"no readable sample in {self.failed_reads} shard reads in a row; shards: "
+                                   f"{self.shards.urls[0]} ... ({len(self.shards.urls)} in all)")
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.buffer_size:
+                buffer.append(sample)
+                continue
+            k = rng.randrange(len(buffer))
+            buffer[k], sample = sample, buffer[k]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decoded(self, samples: Iterator[dict]) -> Iterator[np.ndarray | None]:
+        """Decoded images; None stands for a corrupt sample, so that skips are counted where they happen."""
+        for sample in samples:
+            try:
+                yield decode_image(image_field(sample), self.resolution, self.channels)
+            except Exception as err:
+                self.corrupt += 1
+                if self.corrupt <= _MAX_REPORTED:
+                    print(f"dcgan_dist.data: skipping sample {sample.get('__key__')!r} in "
+                          f"{sample.get('__url__')}: {type(err).__name__}: {err}", file=sys.stderr)
+                yield None
+
+    def _pass_batches(self, pass_idx: int, stream: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+        rng = random.Random(f"stream-{self.seed}-{pass_idx}-{self.rank}-{stream}")
+        self.failed_reads = 0
+        samples = (s for r in self._rounds(pass_idx, stream, rng) for s in self._shuffled(self._read(r), rng))
+        images = self._decoded(samples)
+        for _ in range(self.steps_per_pass // self.streams):
+            batch, skipped, bad_before = [], 0, self.bad_shards
+            while len(batch) < self.batch_size:
+                img = next(images)
+                if img is None:
+                    skipped += 1
+                else:
+                    batch.append(img)
+            images_u8 = torch.from_numpy(np.stack(batch))  # NHWC: no transposing copy in the worker
+            yield images_u8, skipped, self.bad_shards - bad_before
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.streams:
+            raise RuntimeError(f"ShardStream was built for {self.streams} loader workers, runs with {workers}")
+        self.corrupt = self.bad_shards = 0
+        first_pass, offset = divmod(self.start_step, self.steps_per_pass)
+        # After a resume at in-pass offset o, loader worker w serves virtual stream (o + w) % streams
+        # from its ((o + w) // streams)-th batch on; pass lengths are multiples of `streams`, so it keeps it.
+        stream = (offset + worker) % self.streams
+        skip = (offset + worker) // self.streams
+        for pass_idx in range(first_pass, sys.maxsize):
+            for item in self._pass_batches(pass_idx, stream):
+                if skip:
+                    skip -= 1
+                    continue
+                yield item
+
+
+def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
+    """Steps each rank takes per pass: about one epoch of the data set, a multiple of the loader workers."""
+    streams = max(1, cfg.data.num_workers)
+    batch = cfg.train.batch_size
+    if not cfg.data.resample:
+        if shards.counts is None:
+            raise ValueError("data.resample=false needs per-shard counts: point data.shards at a manifest.json")
+        nslots = world_size * streams
+        if len(shards.urls) >= nslots:
+            # Any pass's order may give a slot the smallest shards: size the pass for that worst case.
+            per_slot = sum(sorted(shards.counts)[:len(shards.urls) // nslots])
+        else:
+            per_slot = sum(shards.counts) // nslots
+        per_stream_batches = per_slot // batch
+        if per_stream_batches == 0:
+            raise ValueError(f"data.resample=false: a loader slot holds only {per_slot} samples, fewer than "
+                             f"train.batch_size={batch}; use fewer ranks/workers or a smaller batch")
+        return per_stream_batches * streams
+    size = cfg.data.size or shards.size
+    if not size:
+        raise ValueError("the data set size is unknown: point data.shards at a manifest.json or set data.size")
+    steps = max(1, math.ceil(size / (batch * world_size)))
+    return math.ceil(steps / streams) * streams
+
+
+def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int,
+                pin_memory: bool) -> DataLoader:
+    """The DataLoader over a rank's ShardStream; batching happens inside the workers."""
+    stream = ShardStream(shards, cfg, rank, world_size, start_step)
+    workers = cfg.data.num_workers
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=cfg.data.prefetch if workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,88 @@
+"""The one place that knows about ranks: process-group set-up, rank/world/device, and cross-rank reductions.
+
+Local mode, torchrun and Ray Train all end up here. torchrun and Ray set RANK, WORLD_SIZE, LOCAL_RANK and
+MASTER_ADDR/PORT; Ray Train also creates the process group before the training function starts.
+Nothing else in the package reads these environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True under a distributed launcher (torchrun, Ray Train), even with one rank: the DDP/NCCL path."""
+        return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda, but torch sees no CUDA device")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init(device: str = "auto") -> Context:
+    """Join the process group that the launcher describes (none in a plain local run) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun or Ray Train
+    if (world_size > 1 or launched) and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Context(rank, world_size, local_rank, dev)
+
+
+def _active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in a single process)."""
+    if _active():
+        torch_dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's copy of a same-shaped tensor, stacked in rank order: (world_size, *shape)."""
+    if not _active():
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
+def barrier() -> None:
+    if _active():
+        torch_dist.barrier()
+
+
+
+def gather_lists(values: list[int]) -> list[list[int]]:
+    """Every rank's list of ints, in rank order (a list of one in a single process)."""
+    if _active():
+        out: list = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(out, list(values))
+        return out
+    return [list(values)]

@@ -1,0 +1,76 @@
+"""`python -m dcgan_dist.shard SOURCE OUTDIR`: LSUN, face sets and image folders into WebDataset tar shards.
+
+Output: OUTDIR/{prefix}-000000.tar ... of --shard-size samples each (an image field, a `json` field with the source
+id, the original size and any face box, and `cls` where the source has labels); manifest.json with every shard's
+count, bytes and sha256, the total, the source, the options, the tool version and every skipped input with its
+reason; with --dedup, duplicates.tsv (removed id, id of the kept copy). The same input and options give the same
+bytes whatever --workers is. A killed run restarted with the same arguments resumes (shard/run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from ..data.images import FORMATS
+from . import sources
+from .options import DEDUP_MODES, Options
+from .run import ShardError, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = Options()
+    p = argparse.ArgumentParser(
+        prog="python -m dcgan_dist.shard", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="an LSUN LMDB directory (e.g. bedroom_train_lmdb), an image folder (searched "
+                   "recursively for jpg, jpeg, png, webp, bmp), a zip or tar archive, or builtin:mnist5k / "
+                   "builtin:lfw-faces")
+    p.add_argument("outdir", help="where shards, manifest.json and progress records go: a local directory or a "
+                   "bucket prefix such as s3://bucket/prefix (credentials from the environment or ~/.aws)")
+    p.add_argument("--resolution", type=int, default=d.resolution, help="output side: centre crop, then "
+                   "antialiased (Lanczos) resize")
+    p.add_argument("--keep-size", action="store_true", help="keep each image whole at its own size instead")
+    p.add_argument("--format", default=d.format, choices=FORMATS, help="image encoding in the shards")
+    p.add_argument("--quality", type=int, default=d.quality, help="JPEG / WebP quality, 1-100")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard")
+    p.add_argument("--prefix", default=d.prefix, help="shard file prefix (default: the source's name)")
+    p.add_argument("--shuffle", type=int, default=d.shuffle, metavar="SEED",
+                   help="spread images across shards by a permutation with this seed (default: source order)")
+    p.add_argument("--faces", action="store_true", help="the paper's face pipeline: one square crop per face "
+                   "found by OpenCV's Haar cascade, the box recorded in the sample's json")
+    p.add_argument("--min-face", type=int, default=d.min_face, help="smallest face kept, in source pixels")
+    p.add_argument("--face-margin", type=float, default=d.face_margin,
+                   help="crop margin on each side of a face box, as a fraction of the box")
+    p.add_argument("--dedup", default=d.dedup, choices=DEDUP_MODES, help="drop exact duplicates (same pixels) "
+                   "or near-duplicates (the paper's semantic autoencoder hash); removed ids go to duplicates.tsv")
+    p.add_argument("--dedup-fit", type=int, default=d.dedup_fit,
+                   help="semantic: fit the autoencoder on this many images, the first in processing order")
+    p.add_argument("--dedup-radius", type=int, default=d.dedup_radius,
+                   help="semantic: codes at most this many bits apart (of 128) are duplicates; 0 = equal codes")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes decoding and encoding; the output does not depend on it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        manifest = run(args.source, args.outdir, opts, workers=args.workers, progress=not args.quiet)
+    except (ShardError, sources.SourceError) as err:
+        print(f"dcgan_dist.shard: error: {err}", file=sys.stderr)
+        return 1
+    counts = manifest["counts"]
+    print(f"{manifest['total']} samples in {len(manifest['shards'])} shards in {args.outdir}: {counts['inputs']} "
+          f"inputs, {counts['skipped']} skipped, {counts['duplicates']} duplicates removed"
+          + (f", {counts['no_face']} without a face" if opts.faces else ""))
+    return 0

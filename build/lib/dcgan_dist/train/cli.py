@@ -1,0 +1,51 @@
+"""Train DCGAN: `python -m dcgan_dist.train [--config FILE] [--run-dir DIR] [key=value ...]`.
+
+Writes the configured built-in data set as shards if needed, then trains in this process
+(trainer.num_workers=0) or on a Ray cluster with trainer.num_workers workers (distributed/ray_launch.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import config as config_mod
+from ..config import Config
+from ..data import storage
+from ..data.shardset import resolve
+from ..shard.run import builtin_shards
+from .loop import train
+
+
+def prepare_data(cfg: Config) -> None:
+    """Write the configured built-in set as shards if data.shards does not exist yet."""
+    if cfg.data.builtin and not storage.is_remote(cfg.data.shards) and not Path(cfg.data.shards).exists():
+        print(f"writing built-in data set {cfg.data.builtin!r} as shards under {cfg.data.shards}", flush=True)
+        builtin_shards(cfg.data.builtin, cfg.data.shards)
+
+
+def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {config_mod.DEFAULT_CONFIG.name})")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.images=100000")
+    args = parser.parse_args(argv)
+    cfg = config_mod.load_or_exit(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    return cfg, args
+
+
+def main(argv=None) -> None:
+    cfg, _ = parse_args(argv)
+    prepare_data(cfg)
+    try:
+        resolve(cfg.data.shards)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    if cfg.trainer.num_workers > 0:
+        from ..distributed import ray_launch  # imported only here: a local run never loads Ray
+
+        ray_launch.run(cfg, train)
+    else:
+        train(cfg)

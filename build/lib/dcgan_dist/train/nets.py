@@ -1,0 +1,64 @@
+"""G and D with their optimizers on the device, and the step function that wraps them (compile, DDP, CUDA graph)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import models
+from ..config import Config
+from ..distributed import syncbn
+from ..distributed.context import Context
+from . import perf
+from .step import CudaGraphStep, gan_step
+
+
+@dataclass
+class Nets:
+    """G, D, their optimizers and the step's precision; G and D get their DDP/compile wrappers in make_step."""
+    G: nn.Module
+    D: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    prec: perf.Precision
+    graphed: bool
+
+
+def build_nets(cfg: Config, ctx: Context) -> Nets:
+    """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers."""
+    device = ctx.device
+    torch.manual_seed(cfg.train.seed)
+    fmt = perf.memory_format(cfg.perf.channels_last)
+    G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
+    if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
+        G, D = syncbn.convert(G), syncbn.convert(D)
+    graphed = perf.cuda_graph_enabled(cfg.perf.cuda_graph, device)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam, capturable=graphed)
+    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam, capturable=graphed)
+    return Nets(G, D, opt_g, opt_d, perf.precision(cfg.perf.amp, device, cuda_graph=graphed), graphed)
+
+
+def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Wrap G and D (torch.compile, then DDP) and return step(real, z) -> statistics, graphed if configured."""
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # shapes never change: pick the fastest kernels
+    G, D = perf.compiled(nets.G, cfg.perf.compile), perf.compiled(nets.D, cfg.perf.compile)
+    side = torch.cuda.Stream() if nets.graphed else None  # whole-step capture wants DDP built on its stream
+    if ctx.distributed:
+        # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
+        # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
+        # these small models overlap their backward.
+        device = ctx.device
+        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                   bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            G, D = DDP(G, **ddp), DDP(D, **ddp)
+    nets.G, nets.D = G, D
+    if nets.graphed:
+        return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side)
+    return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec)
