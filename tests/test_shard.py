@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tarfile
 
 import lmdb
@@ -199,3 +200,17 @@ def test_tar_fields_are_readable_by_plain_tarfile(tmp_path, images):
         members = tf.getmembers()
     assert [m.name for m in members] == ["000000000.jpg", "000000000.json"]
     assert all(m.mtime == 0 and m.uid == 0 for m in members)
+
+
+@pytest.mark.parametrize("flags", [[], ["--resolution", "64", "--dedup", "semantic", "--workers", "16",
+                                        "--dedup-fit", "30"]], ids=["defaults", "readme-flags"])
+def test_lsun_lmdb_through_the_command_line(tmp_path, images, flags):
+    """README's LSUN command as typed (default --workers is every core): no image may be lost to the LMDB."""
+    shard_data.make_lmdb(tmp_path / "bedroom_train_lmdb", images[:30])
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(tmp_path / "bedroom_train_lmdb"),
+                        str(tmp_path / "shards" / "lsun_bedroom"), *flags, "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "shards" / "lsun_bedroom" / "manifest.json").read_text())
+    assert manifest["counts"]["skipped"] == 0 and manifest["counts"]["inputs"] == 30
+    assert manifest["total"] + manifest["counts"]["duplicates"] == 30
