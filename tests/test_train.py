@@ -138,3 +138,15 @@ def test_empty_shard_list_is_a_clear_error(tmp_path):
                         "data.builtin=null", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "matches no shard" in r.stderr
+
+
+def test_pipe_urls_train_and_failed_commands_are_skipped(mnist_shards, tmp_path):
+    """`pipe:` as README advertises it: a real shell command per shard; one that fails is retried, then skipped."""
+    shards = f"pipe:cat {mnist_shards}/mnist5k-{{000000..000003}}.tar::pipe:cat {tmp_path}/missing.tar"
+    r = subprocess.run([*_cli(tmp_path / "run", shards, 320), "data.size=2000", "data.read_retries=1",
+                        "data.retry_backoff=0.01"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "exited with status 1" in r.stderr and "skipping shard pipe:cat" in r.stderr
+    assert checkpoint.latest(tmp_path / "run").name == "ckpt-000000000320.pt"
+    scalars = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert scalars.Scalars("data/skipped_shards")[-1].value >= 1
