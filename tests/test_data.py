@@ -28,7 +28,7 @@ def test_resolve_directory_manifest_and_pattern(mnist_shards):
     assert len(by_dir.urls) == 10 and by_dir.size == 5000
     assert resolve(str(mnist_shards / "manifest.json")).urls == by_dir.urls
     pattern = str(mnist_shards / "mnist5k-{000000..000009}.tar")
-    assert resolve(pattern).urls == by_dir.urls and resolve(pattern).size is None
+    assert resolve(pattern).urls == by_dir.urls and resolve(pattern).size == 5000  # counted from tar headers
 
 
 @pytest.mark.parametrize("spec, match", [

