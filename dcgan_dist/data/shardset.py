@@ -84,7 +84,12 @@ def counted(shards: ShardSet) -> ShardSet:
     counts = []
     for url in shards.urls:
         st = os.stat(url)
-        counts.append(_count(url, st.st_size, st.st_mtime_ns))
+        try:
+            counts.append(_count(url, st.st_size, st.st_mtime_ns))
+        except (ValueError, OSError) as err:  # damaged: the stream skips and counts it when it gets there
+            print(f"dcgan_dist.data: cannot count the samples of {url} ({type(err).__name__}: {err}); "
+                  f"it is taken as empty", file=sys.stderr)
+            counts.append(0)
     seconds = time.perf_counter() - start
     if seconds > 0.05:
         print(f"dcgan_dist.data: no manifest.json: counted {sum(counts)} samples in {len(counts)} shards from "

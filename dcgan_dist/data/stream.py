@@ -183,6 +183,8 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
                              f"train.batch_size={batch}; use fewer ranks/workers or a smaller batch")
         return per_stream_batches * streams
     size = cfg.data.size or shards.size
+    if size == 0:
+        raise ValueError(f"data.shards: the {len(shards.urls)} shards hold no sample that can be read")
     if not size:
         raise ValueError("data.shards names remote shards without a manifest.json, so the data set's size is "
                          "unknown: set data.size to the number of images (or put a manifest.json beside them)")

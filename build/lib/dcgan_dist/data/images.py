@@ -132,4 +132,7 @@ def image_field(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
             return sample[ext]
+    for name, value in sample.items():  # a key with dots ("a.b.jpg") leaves the rest of it in the field name
+        if not name.startswith("__") and name.rsplit(".", 1)[-1] in IMAGE_EXTS:
+            return value
     raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,32 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(storage.read_bytes(str(path)))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read shard manifest: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: a shard manifest is a JSON object, not {type(manifest).__name__}")
     for key in ("shards", "total"):
         if key not in manifest:
             raise ValueError(f"{path}: shard manifest has no {key!r} key")
+    if not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path}: 'shards' must be a list of {{name, count, ...}} entries")
+    for i, entry in enumerate(manifest["shards"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path}: shards[{i}] {json.dumps(entry)[:200]}: {problem}")
     return manifest
+
+
+def _entry_problem(entry) -> str | None:
+    """Why a manifest entry cannot be used, or None. Names must stay inside the manifest's folder or prefix:
+    a manifest is data, and data must not point the trainer at other files or make it run commands (pipe:)."""
+    if not isinstance(entry, dict):
+        return "an entry must be an object with 'name' and 'count'"
+    name, count = entry.get("name"), entry.get("count")
+    if not isinstance(name, str) or not name:
+        return "'name' must be a non-empty string"
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return "'count' must be a whole number of samples, 0 or more"
+    if (name.startswith(("/", "\\")) or "\\" in name or ":" in name or posixpath.normpath(name) != name
+            or name.split("/")[0] == ".."):
+        return ("'name' must be a relative path inside the manifest's folder: no leading '/', no '..' or '.', "
+                "no '\\', no ':' (URLs and pipe: commands are refused)")
+    return None

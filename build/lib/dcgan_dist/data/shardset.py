@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
-from . import storage
+from . import storage, tarread
 from .manifest import MANIFEST, read_manifest
 
 
@@ -47,7 +50,7 @@ def resolve(spec: str) -> ShardSet:
         urls = [os.path.join(base, s["name"]) for s in manifest["shards"]]
         if not urls:
             raise ValueError(f"data.shards: manifest {manifest_path} lists no shards")
-        return ShardSet(urls, [int(s["count"]) for s in manifest["shards"]])
+        return ShardSet(urls, [s["count"] for s in manifest["shards"]])
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
@@ -63,4 +66,32 @@ def resolve(spec: str) -> ShardSet:
             storage.check_readable(remote[0])
         except OSError as err:
             raise ValueError(f"data.shards {spec!r}: {err}") from err
-    return ShardSet(urls)
+    return counted(ShardSet(urls))
+
+
+@functools.lru_cache(maxsize=None)
+def _count(path: str, size: int, mtime_ns: int) -> int:
+    del size, mtime_ns  # part of the cache key: a rewritten shard is counted again
+    return tarread.count_samples(path)
+
+
+def counted(shards: ShardSet) -> ShardSet:
+    """Shards without a manifest (webdataset's ShardWriter, img2dataset, ...) with their sample counts, read
+    from the tar headers of local files; remote ones are left uncounted (that would download every shard)."""
+    if shards.counts is not None or any(storage.is_remote(u) for u in shards.urls):
+        return shards
+    start = time.perf_counter()
+    counts = []
+    for url in shards.urls:
+        st = os.stat(url)
+        try:
+            counts.append(_count(url, st.st_size, st.st_mtime_ns))
+        except (ValueError, OSError) as err:  # damaged: the stream skips and counts it when it gets there
+            print(f"dcgan_dist.data: cannot count the samples of {url} ({type(err).__name__}: {err}); "
+                  f"it is taken as empty", file=sys.stderr)
+            counts.append(0)
+    seconds = time.perf_counter() - start
+    if seconds > 0.05:
+        print(f"dcgan_dist.data: no manifest.json: counted {sum(counts)} samples in {len(counts)} shards from "
+              f"their tar headers in {seconds:.1f} s", file=sys.stderr)
+    return ShardSet(shards.urls, counts)

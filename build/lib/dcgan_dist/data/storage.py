@@ -1,4 +1,4 @@
-"""Where shards live: local paths, s3://, gs://, http(s):// (through fsspec) and pipe: (through WebDataset).
+"""Where shards live: local paths, s3://, gs://, http(s):// (through fsspec) and pipe:COMMAND (its stdout).
 
 Credentials and endpoints come from the places each cloud library already reads: the environment, ~/.aws, the
 instance role, gcloud's application-default credentials; AWS_ENDPOINT_URL points S3 at MinIO or a loopback
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
 import sys
 import time
 from typing import IO, Iterator
@@ -45,13 +46,42 @@ def filesystem(url: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[fsspec.Abstr
     return fsspec.core.url_to_fs(url, **_options(fsspec.utils.get_protocol(url), timeout))
 
 
+class PipeStream:
+    """The standard output of `pipe:COMMAND` (run by the shell, as WebDataset does), read front to back.
+
+    A command that exits non-zero after its output was read to the end is an error naming it, so that a failed
+    download (`pipe:aws s3 cp ... -`) is retried and counted, not taken for a short shard. Closing early stops it.
+    """
+
+    def __init__(self, url: str):
+        self.command = url[len("pipe:"):]
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def __enter__(self) -> "PipeStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            while self.proc.stdout.read(1 << 16):  # the tar's trailing padding: let the command finish
+                pass
+        self.proc.stdout.close()  # a reader that stopped early: the command gets SIGPIPE on its next write
+        try:
+            status = self.proc.wait(timeout=None if exc_type is None else 1)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return
+        if status > 0 and exc_type is not GeneratorExit:  # the command's failure explains a short stream too
+            raise OSError(f"pipe command {self.command!r} exited with status {status}") from exc
+
+
 def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
     """A binary stream over a whole object, read front to back."""
     if url.startswith("pipe:"):
-        # Imported here: webdataset imports torch, which the shard tool and its workers never need.
-        from webdataset import gopen
-
-        return gopen.gopen(url)
+        return PipeStream(url)
     fs, path = filesystem(url, timeout)
     if fsspec.utils.get_protocol(url) in ("http", "https"):
         # One streaming GET instead of a HEAD and ranged reads, which not every web server supports; buffered

@@ -29,6 +29,11 @@ from .images import decode_image, image_field
 from .shardset import ShardSet
 
 _MAX_REPORTED = 20  # corrupt samples named on stderr per worker; the rest are only counted
+_MAX_UNDECODED = 2000  # samples in a row that fail to decode, before any ever did, that stop the run
+
+
+class DataError(RuntimeError):
+    """Shards that cannot feed training at all (nothing decodes); the message names shards and reasons."""
 
 
 class ShardStream(IterableDataset):
@@ -103,13 +108,22 @@ class ShardStream(IterableDataset):
         """Decoded images; None stands for a corrupt sample, so that skips are counted where they happen."""
         for sample in samples:
             try:
-                yield decode_image(image_field(sample), self.resolution, self.channels)
+                image = decode_image(image_field(sample), self.resolution, self.channels)
             except Exception as err:
                 self.corrupt += 1
+                if len(self.reasons) < 3:
+                    self.reasons.append(f"{sample.get('__url__')} {sample.get('__key__')!r}: {err}")
+                if not self.decoded and self.corrupt >= self._give_up_after:
+                    raise DataError(f"none of the first {self.corrupt} samples decoded (shards "
+                                    f"{self.shards.urls[0]} ... {len(self.shards.urls)} in all); first reasons: "
+                                    + "; ".join(self.reasons))
                 if self.corrupt <= _MAX_REPORTED:
                     print(f"dcgan_dist.data: skipping sample {sample.get('__key__')!r} in "
                           f"{sample.get('__url__')}: {type(err).__name__}: {err}", file=sys.stderr)
                 yield None
+            else:
+                self.decoded = True
+                yield image
 
     def _pass_batches(self, pass_idx: int, stream: int) -> Iterator[tuple[torch.Tensor, int, int]]:
         rng = random.Random(f"stream-{self.seed}-{pass_idx}-{self.rank}-{stream}")
@@ -133,6 +147,10 @@ class ShardStream(IterableDataset):
         if workers != self.streams:
             raise RuntimeError(f"ShardStream was built for {self.streams} loader workers, runs with {workers}")
         self.corrupt = self.bad_shards = 0
+        self.decoded, self.reasons = False, []
+        # Twice the data set (every sample seen at least once, whatever the draws) or _MAX_UNDECODED, if fewer.
+        size = self.shards.size
+        self._give_up_after = min(_MAX_UNDECODED, 2 * size) if size else _MAX_UNDECODED
         first_pass, offset = divmod(self.start_step, self.steps_per_pass)
         # After a resume at in-pass offset o, loader worker w serves virtual stream (o + w) % streams
         # from its ((o + w) // streams)-th batch on; pass lengths are multiples of `streams`, so it keeps it.
@@ -152,7 +170,7 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
     batch = cfg.train.batch_size
     if not cfg.data.resample:
         if shards.counts is None:
-            raise ValueError("data.resample=false needs per-shard counts: point data.shards at a manifest.json")
+            raise ValueError("data.resample=false needs per-shard counts: remote shards need a manifest.json")
         nslots = world_size * streams
         if len(shards.urls) >= nslots:
             # Any pass's order may give a slot the smallest shards: size the pass for that worst case.
@@ -165,8 +183,11 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
                              f"train.batch_size={batch}; use fewer ranks/workers or a smaller batch")
         return per_stream_batches * streams
     size = cfg.data.size or shards.size
+    if size == 0:
+        raise ValueError(f"data.shards: the {len(shards.urls)} shards hold no sample that can be read")
     if not size:
-        raise ValueError("the data set size is unknown: point data.shards at a manifest.json or set data.size")
+        raise ValueError("data.shards names remote shards without a manifest.json, so the data set's size is "
+                         "unknown: set data.size to the number of images (or put a manifest.json beside them)")
     steps = max(1, math.ceil(size / (batch * world_size)))
     return math.ceil(steps / streams) * streams
 

@@ -34,8 +34,9 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a tar stream, in order."""
+def members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in a tar stream, in order; with skip_data, (name, b"") from a seekable
+    file, seeking over the contents (what counting needs)."""
     long_name = None
     while True:
         header = stream.read(BLOCK)
@@ -46,12 +47,16 @@ def members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
             raise TarError("tar header checksum mismatch (damaged shard)")
         size = _octal(header[124:136])
-        data = stream.read(size)
-        if len(data) < size:
-            raise TarError(f"truncated tar member: {len(data)} of {size} bytes")
-        if len(stream.read(-size % BLOCK)) < -size % BLOCK:
-            raise TarError("truncated tar member padding")
         kind = header[156:157]
+        if skip_data and kind in _REGULAR:
+            data = b""
+            stream.seek(size + -size % BLOCK, 1)
+        else:
+            data = stream.read(size)
+            if len(data) < size:
+                raise TarError(f"truncated tar member: {len(data)} of {size} bytes")
+            if len(stream.read(-size % BLOCK)) < -size % BLOCK:
+                raise TarError("truncated tar member padding")
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
         elif kind == b"x":
@@ -66,15 +71,31 @@ def members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
+def _key_and_field(name: str) -> tuple[str, str] | None:
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return None if dot < 0 else (name[:dot], name[dot + 1:].lower())
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar shard, from its headers alone (no member is read)."""
+    count, last = 0, None
+    with open(path, "rb") as f:
+        for name, _ in members(f, skip_data=True):
+            split = _key_and_field(name)
+            if split is not None and split[0] != last:
+                count, last = count + 1, split[0]
+    return count
+
+
 def samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     """Samples {'__key__', '__url__', field: bytes} grouped from consecutive members with the same key."""
     current: dict | None = None
     for name, data in members(stream):
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        if dot < 0:
+        split = _key_and_field(name)
+        if split is None:
             continue  # a member without a field extension belongs to no sample
-        key, field = name[:dot], name[dot + 1:].lower()
+        key, field = split
         if current is None or current["__key__"] != key:
             if current is not None:
                 yield current

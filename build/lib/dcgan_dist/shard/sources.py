@@ -54,11 +54,17 @@ class Source:
 
 
 class LmdbSource(Source):
-    """LSUN's layout: an LMDB directory whose keys are image ids and values WebP or JPEG bytes."""
+    """LSUN's layout: an LMDB directory whose keys are image ids and values WebP or JPEG bytes.
+
+    py-lmdb refuses to open an environment twice in one process, and a forked worker inherits its parent's
+    record of open environments: so the main process holds the environment open only while it lists keys (the
+    worker pool has forked by then, see worker.mapped), and each worker opens its own on first use.
+    """
 
     def __init__(self, path: Path):
         self.path, self.name = str(path), path.name
         self.entries = self._env().stat()["entries"]
+        self._close()
 
     def _env(self):
         import lmdb
@@ -70,13 +76,21 @@ class LmdbSource(Source):
                 raise SourceError(f"cannot open LMDB {self.path}: {err}") from None
         return self._handle
 
+    def _close(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            self._handle.close()
+            self._handle = None
+
     def __len__(self) -> int:
         return self.entries
 
     def refs(self):
-        with self._env().begin() as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
-                yield key.decode("utf-8", "backslashreplace"), key
+        try:
+            with self._env().begin() as txn:
+                for key in txn.cursor().iternext(keys=True, values=False):
+                    yield key.decode("utf-8", "backslashreplace"), key
+        finally:
+            self._close()  # closed before the next pass forks its workers
 
     def load(self, ref):
         with self._env().begin(buffers=False) as txn:

@@ -123,6 +123,10 @@ def _start(worker_args: bytes) -> None:
     _worker = Worker(*pickle.loads(worker_args))
 
 
+def _ready() -> bool:
+    return True
+
+
 def _run(method: str, chunk: list[tuple[int, str, object]]) -> list[Result]:
     return [getattr(_worker, method)(*item) for item in chunk]
 
@@ -152,6 +156,10 @@ def mapped(method: str, items: Iterable[tuple[int, str, object]], worker_args: t
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(workers, ctx, initializer=_start, initargs=(pickle.dumps(worker_args),)) as pool:
+        # Start every worker before the first item is drawn: drawing may open a source's handle (an LMDB
+        # environment) in this process, which forked workers must not inherit.
+        for ready in [pool.submit(_ready) for _ in range(workers)]:
+            ready.result()
         pending: deque = deque()
         for chunk in _chunks(items, CHUNK):
             pending.append(pool.submit(_run, method, chunk))

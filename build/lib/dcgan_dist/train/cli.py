@@ -13,6 +13,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..data import storage
 from ..data.shardset import resolve
+from ..data.stream import DataError, steps_per_pass
 from ..shard.run import builtin_shards
 from .loop import train
 
@@ -40,12 +41,15 @@ def main(argv=None) -> None:
     cfg, _ = parse_args(argv)
     prepare_data(cfg)
     try:
-        resolve(cfg.data.shards)
+        steps_per_pass(resolve(cfg.data.shards), cfg, world_size=1)  # every data error before any process starts
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
-    if cfg.trainer.num_workers > 0:
-        from ..distributed import ray_launch  # imported only here: a local run never loads Ray
+    try:
+        if cfg.trainer.num_workers > 0:
+            from ..distributed import ray_launch  # imported only here: a local run never loads Ray
 
-        ray_launch.run(cfg, train)
-    else:
-        train(cfg)
+            ray_launch.run(cfg, train)
+        else:
+            train(cfg)
+    except DataError as err:  # raised in a loader worker, re-raised here with its traceback as text
+        raise SystemExit(f"error: {str(err).strip().splitlines()[-1].split('DataError: ')[-1]}")
