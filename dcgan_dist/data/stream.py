@@ -193,10 +193,10 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
 
 
 def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, worker_init_fn=None) -> DataLoader:
     """The DataLoader over a rank's ShardStream; batching happens inside the workers."""
     stream = ShardStream(shards, cfg, rank, world_size, start_step)
     workers = cfg.data.num_workers
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.data.prefetch if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=worker_init_fn if workers else None)

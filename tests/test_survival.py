@@ -1,0 +1,177 @@
+"""Runs that survive what clusters and GANs do to them: signals, divergence, another world size, damaged files.
+
+Every test drives `python -m dcgan_dist.train` (or torchrun) in a real subprocess, as a user or a scheduler would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dcgan_dist import checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+IMAGES = 960
+
+
+def _cli(run_dir, shards, images=IMAGES, *extra):
+    return [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
+            "data.builtin=null", "data.num_workers=2", "data.shuffle_buffer=200", "model.ngf=16", "model.ndf=16",
+            "train.batch_size=16", f"train.images={images}", "train.device=cpu", "log.every_images=160",
+            "log.sample_every_images=100000", "log.checkpoint_every_images=320", "log.keep_checkpoints=100",
+            *extra]
+
+
+def _run(args, timeout=300):
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    for net in ("G", "D"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs"
+    for k, v in a["opt_D"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b["opt_D"]["state"][k]["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def straight(mnist_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    r = _run(_cli(run, mnist_shards))
+    assert r.returncode == 0, r.stderr
+    return checkpoint.load(checkpoint.latest(run))
+
+
+def _start_and_wait_for_checkpoint(run, shards, *extra):
+    proc = subprocess.Popen(_cli(run, shards, IMAGES, *extra), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not checkpoint.list_checkpoints(run) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert checkpoint.list_checkpoints(run), "no checkpoint before the deadline"
+    return proc
+
+
+def test_sigterm_checkpoints_at_the_current_count_and_resumes_bit_identical(mnist_shards, tmp_path, straight):
+    run = tmp_path / "run"
+    proc = _start_and_wait_for_checkpoint(run, mnist_shards)
+    time.sleep(0.3)  # into the next checkpoint interval
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "writing a checkpoint at the next step boundary" in err
+    stopped_at = checkpoint.images_of(checkpoint.latest(run))
+    assert 320 < stopped_at < IMAGES, "the stop checkpoint is not at the count the run had reached"
+    assert stopped_at % 320 != 0 or stopped_at == 640  # not the periodic schedule (unless it fell on it)
+    assert f"stopped by signal {int(signal.SIGTERM)} at {stopped_at} images" in err
+
+    resumed = _run(_cli(run, mnist_shards))
+    assert resumed.returncode == 0, resumed.stderr
+    final = checkpoint.load(checkpoint.latest(run))
+    assert final["images"] == IMAGES
+    _same_weights(straight, final)
+    steps = [e.step for e in EventAccumulator(str(run / "tb")).Reload().Scalars("loss/D")]
+    assert steps == sorted(set(steps)), "TensorBoard shows some steps twice after the resume"
+
+
+def test_second_signal_exits_at_once(mnist_shards, tmp_path):
+    proc = _start_and_wait_for_checkpoint(tmp_path / "run", mnist_shards)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
+    assert "second SIGINT" in err or "stopped by signal" in err  # the first may already have finished
+
+
+def test_forced_divergence_is_caught_and_only_finite_checkpoints_remain(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    assert _run(_cli(run, mnist_shards, 320)).returncode == 0
+    r = _run(_cli(run, mnist_shards, IMAGES, "train.lr_d=1e30", "train.lr_g=1e30", "train.max_rollbacks=2"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "non-finite" in r.stderr and "rollbacks in a row did not help" in r.stderr
+    assert r.stdout.count("rolling back to the newest checkpoint") == 2
+    for path in checkpoint.list_checkpoints(run):
+        state = checkpoint.load(path)
+        assert all(t.isfinite().all() for net in ("G", "D") for t in state[net].values() if t.is_floating_point())
+    npz = tmp_path / "s.npz"
+    sample = _run([sys.executable, "-m", "dcgan_dist.sample", str(run), "--n", "8", "--out",
+                   str(tmp_path / "g.png"), "--npz", str(npz)])
+    assert sample.returncode == 0, sample.stderr
+    assert np.load(npz)["x"].std() > 0  # a real picture, not a NaN-black one
+    stop = _run(_cli(run, mnist_shards, IMAGES, "train.lr_d=1e30", "train.lr_g=1e30", "train.on_nonfinite=stop"))
+    assert stop.returncode == 1 and "train.on_nonfinite=stop" in stop.stderr
+    assert "rolling back" not in stop.stdout
+
+
+def test_two_ranks_then_one_rank_ends_at_exactly_train_images(mnist_shards, tmp_path):
+    """Written by 2 ranks (torchrun, gloo) at 320 images, resumed by 1 rank: ends at exactly train.images."""
+    run = tmp_path / "run"
+    base = _cli(run, mnist_shards, 320, "data.num_workers=0")[3:]  # without `python -m dcgan_dist.train`
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "dcgan_dist.train", *base], timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert checkpoint.load(checkpoint.latest(run))["geometry"]["world_size"] == 2
+    one = _run(_cli(run, mnist_shards, 640, "data.num_workers=0"))
+    assert one.returncode == 0, one.stderr
+    assert "the data stream starts a fresh pass" in one.stdout
+    assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)] == [320, 640]
+    final = checkpoint.load(checkpoint.latest(run))
+    assert final["images"] == 640 and final["step"] == 10 + 20  # 10 steps of 2 x 16, then 20 of 16
+
+
+def test_gpu_style_optimizer_state_resumes_on_the_cpu_with_the_configs_rates(mnist_shards, tmp_path):
+    """A checkpoint written with CUDA graphs (capturable, fused Adam, step counts as float tensors)."""
+    run = tmp_path / "run"
+    assert _run(_cli(run, mnist_shards, 320)).returncode == 0
+    path = checkpoint.latest(run)
+    state = checkpoint.load(path)
+    for opt in ("opt_G", "opt_D"):
+        for group in state[opt]["param_groups"]:
+            group.update(capturable=True, fused=True, foreach=None)
+        for s in state[opt]["state"].values():
+            s["step"] = s["step"].float().reshape(())
+    torch.save(state, path)
+    r = _run(_cli(run, mnist_shards, 640, "train.lr_d=0.001"))
+    assert r.returncode == 0, r.stderr
+    assert "train.lr_d: 0.0002 in the checkpoint, 0.001 in the config (used)" in r.stdout
+    final = checkpoint.load(checkpoint.latest(run))
+    assert final["images"] == 640 and final["opt_D"]["param_groups"][0]["lr"] == 0.001
+    assert final["opt_D"]["param_groups"][0]["capturable"] is False
+
+
+def test_changed_model_shape_is_an_error_naming_the_keys(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    assert _run(_cli(run, mnist_shards, 320)).returncode == 0
+    r = _run(_cli(run, mnist_shards, 640, "model.ngf=32", "model.nz=64"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.ngf=16 in the checkpoint, 32 now" in r.stderr and "model.nz=100 in the checkpoint, 64 now" in r.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(mnist_shards, tmp_path, straight):
+    run = tmp_path / "run"
+    assert _run(_cli(run, mnist_shards, 640)).returncode == 0
+    newest = checkpoint.latest(run)
+    newest.write_bytes(newest.read_bytes()[:1000])  # what a full disk leaves
+    r = _run(_cli(run, mnist_shards))
+    assert r.returncode == 0, r.stderr
+    assert f"cannot read checkpoint {newest}" in r.stderr and "trying the checkpoint before it" in r.stderr
+    assert "resumed from" in r.stdout and "ckpt-000000000320.pt" in r.stdout
+    _same_weights(straight, checkpoint.load(checkpoint.latest(run)))
+
+
+def test_milestone_checkpoints_are_kept_beside_the_newest(mnist_shards, tmp_path):
+    run = tmp_path / "run"
+    r = _run(_cli(run, mnist_shards, IMAGES, "log.checkpoint_every_images=160", "log.keep_checkpoints=2",
+                  "log.keep_every_images=400"))
+    assert r.returncode == 0, r.stderr
+    kept = [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)]
+    assert kept == [480, 800, 960]  # milestones: first past 400 (480) and past 800 (800); the newest two: 800, 960
