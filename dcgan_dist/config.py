@@ -224,7 +224,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{path}: key {key}: {err.msg if hasattr(err, 'msg') else err}") from None
+        message = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]  # not OmegaConf's type dump
+        raise ConfigError(f"{path}: key {key}: {message}") from None
     return _checked(cfg)
 
 

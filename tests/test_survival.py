@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +174,18 @@ def test_milestone_checkpoints_are_kept_beside_the_newest(mnist_shards, tmp_path
     assert r.returncode == 0, r.stderr
     kept = [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)]
     assert kept == [480, 800, 960]  # milestones: first past 400 (480) and past 800 (800); the newest two: 800, 960
+
+
+def test_collapse_alarm_speaks_after_patience_and_only_once():
+    from dcgan_dist.train.health import CollapseWatch, NonFinite, check_metrics
+
+    watch = CollapseWatch(patience=3)
+    won = {"loss/D": 0.01, "loss/G": 7.0, "D(x)": 0.99, "D(G(z))/D_phase": 0.001, "D(G(z))/G_phase": 0.002}
+    healthy = {**won, "loss/D": 1.2, "loss/G": 0.9, "D(G(z))/G_phase": 0.4}
+    assert [watch.update(healthy) for _ in range(5)] == [None] * 5
+    said = [watch.update({**won, "loss/G": 7.0 + i}) for i in range(6)]
+    assert said[:2] == [None, None] and "D has won outright" in said[2] and said[3:] == [None] * 3
+    frozen = CollapseWatch(patience=2)
+    assert [frozen.update(healthy) for _ in range(3)][-1].startswith("the losses have not changed")
+    with pytest.raises(NonFinite, match="at 640 images: loss/G=nan"):
+        check_metrics({"loss/D": 1.0, "loss/G": float("nan")}, 640)

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from ..data import storage
 from ..data.manifest import MANIFEST, ShardInfo
 from . import dedup, sources
 from . import worker as shard_worker
@@ -180,7 +181,12 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
     if len(source) == 0:
         raise ShardError(f"source {source_spec} holds no file")
     opts = replace(opts, prefix=opts.prefix or safe_key(source.name))
-    out = open_output(outdir)
+    if not storage.is_remote(str(outdir)) and Path(outdir).exists() and not Path(outdir).is_dir():
+        raise ShardError(f"OUTDIR {outdir} is a file, not a directory: name a new or existing folder")
+    try:
+        out = open_output(outdir)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"cannot write to OUTDIR {outdir}: {err}") from None
     identity = {"source": source_spec, "options": asdict(opts)}
     finished = _claim(out, identity)
     if finished is not None:
