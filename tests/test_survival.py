@@ -182,7 +182,7 @@ def test_collapse_alarm_speaks_after_patience_and_only_once():
     watch = CollapseWatch(patience=3)
     won = {"loss/D": 0.01, "loss/G": 7.0, "D(x)": 0.99, "D(G(z))/D_phase": 0.001, "D(G(z))/G_phase": 0.002}
     healthy = {**won, "loss/D": 1.2, "loss/G": 0.9, "D(G(z))/G_phase": 0.4}
-    assert [watch.update(healthy) for _ in range(5)] == [None] * 5
+    assert [watch.update({**healthy, "loss/D": 1.2 + i / 100}) for i in range(5)] == [None] * 5
     said = [watch.update({**won, "loss/G": 7.0 + i}) for i in range(6)]
     assert said[:2] == [None, None] and "D has won outright" in said[2] and said[3:] == [None] * 3
     frozen = CollapseWatch(patience=2)
