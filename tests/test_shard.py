@@ -214,3 +214,36 @@ def test_lsun_lmdb_through_the_command_line(tmp_path, images, flags):
     manifest = json.loads((tmp_path / "shards" / "lsun_bedroom" / "manifest.json").read_text())
     assert manifest["counts"]["skipped"] == 0 and manifest["counts"]["inputs"] == 30
     assert manifest["total"] + manifest["counts"]["duplicates"] == 30
+
+
+def test_orientation_alpha_and_16_bit_through_the_command_line(tmp_path):
+    """Phone photos upright (EXIF orientation), transparency over white, 16-bit greyscale rescaled, not clipped."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    yy, xx = np.mgrid[0:48, 0:32]
+    upright = np.stack([yy * 5, xx * 7, np.full_like(yy, 90)], -1).astype(np.uint8)  # 48 tall, 32 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": the camera stored the picture turned the other way
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(src / "a_phone.jpg", quality=98, exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(src / "b_phone.png", exif=exif)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[:, :8, 3] = 200, 255  # left half opaque red, right half fully transparent
+    Image.fromarray(rgba, "RGBA").save(src / "c_alpha.png")
+    ramp = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(src / "d_grey16.png")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--keep-size", "--format",
+                        "png", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = {s["meta"]["source_id"]: shard_data.decode(s["png"]) for s in shard_data.read_shards(out)}
+    for name in ("a_phone.jpg", "b_phone.png"):
+        assert got[name].shape == (48, 32, 3), f"{name} is not upright"
+        assert np.abs(got[name].astype(int) - upright).mean() < 3
+    assert (got["c_alpha.png"][:, 8:] == 255).all() and (got["c_alpha.png"][:, :8, 0] == 200).all()
+    grey = got["d_grey16.png"].reshape(16, 16)
+    assert grey.min() == 0 and grey.max() == 255 and np.array_equal(grey.flatten(), np.arange(256))
+    # The trainer's decoder agrees (it reads other tools' shards, phone photos among them).
+    assert decode_image((src / "a_phone.jpg").read_bytes(), 32, 3).shape == (32, 32, 3)
+    assert decode_image((src / "c_alpha.png").read_bytes(), 16, 3)[:, 8:].min() == 255
