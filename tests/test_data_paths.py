@@ -117,3 +117,37 @@ def test_shards_where_nothing_decodes_stop_with_an_error(tmp_path, workers):
     r = _train(tmp_path / "run", d, 64, f"data.num_workers={workers}", timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "none of the first" in r.stderr and "bad-00000" in r.stderr and "first reasons" in r.stderr
+
+
+def test_index_then_verify_other_tools_shards(tmp_path):
+    """`shard index` gives ShardWriter shards our manifest; `shard verify` finds every planted problem by name."""
+    x, y = _digits(90)
+    out = tmp_path / "wds"
+    out.mkdir()
+    with wds.ShardWriter(str(out / "digits-%06d.tar"), maxcount=30) as sink:
+        for i, (img, label) in enumerate(zip(x, y)):
+            sink.write({"__key__": f"sample{i:05d}", "png": _png(img), "cls": str(int(label)).encode()})
+
+    def shard_cli(*args):
+        return subprocess.run([sys.executable, "-m", "dcgan_dist.shard", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = shard_cli("index", str(out))
+    assert r.returncode == 0 and "90 samples in 3 shards" in r.stdout, r.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [s["count"] for s in manifest["shards"]] == [30, 30, 30] and manifest["total"] == 90
+    assert resolve(str(out)).counts == [30, 30, 30]
+    assert shard_cli("verify", str(out)).returncode == 0
+
+    first = out / "digits-000000.tar"
+    data = bytearray(first.read_bytes())
+    start = data.find(b"\x89PNG") + 200
+    data[start:start + 50] = bytes(50)  # a damaged image inside an intact tar
+    first.write_bytes(bytes(data))
+    (out / "digits-000002.tar").unlink()
+    (out / "stray-000000.tar").write_bytes((out / "digits-000001.tar").read_bytes())
+    r = shard_cli("verify", str(out))
+    assert r.returncode == 1
+    assert "digits-000000.tar: sha256" in r.stderr and "digits-000000.tar: sample" in r.stderr
+    assert "digits-000002.tar: cannot read" in r.stderr and "not in the manifest" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -187,7 +187,7 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
         raise ValueError(f"data.shards: the {len(shards.urls)} shards hold no sample that can be read")
     if not size:
         raise ValueError("data.shards names remote shards without a manifest.json, so the data set's size is "
-                         "unknown: set data.size to the number of images (or put a manifest.json beside them)")
+                         "unknown: write one with `python -m dcgan_dist.shard index PREFIX`, or set data.size")
     steps = max(1, math.ceil(size / (batch * world_size)))
     return math.ceil(steps / streams) * streams
 
