@@ -4,6 +4,7 @@ the built-in sets; output read back with tar, WebDataset and the trainer's own r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -247,3 +248,60 @@ def test_orientation_alpha_and_16_bit_through_the_command_line(tmp_path):
     # The trainer's decoder agrees (it reads other tools' shards, phone photos among them).
     assert decode_image((src / "a_phone.jpg").read_bytes(), 32, 3).shape == (32, 32, 3)
     assert decode_image((src / "c_alpha.png").read_bytes(), 16, 3)[:, 8:].min() == 255
+
+
+def test_a_decoder_that_kills_its_worker_is_isolated_and_skipped(tmp_path, images):
+    """A real worker process dies (SIGSEGV) on one input: it is retried alone, skipped as "decoder crashed",
+    listed in the manifest, and the run goes on, the same on every rerun. The crash comes from a sitecustomize
+    that makes PIL die on a marker, as a buggy C decoder would."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "from PIL import Image\n"
+        "_open = Image.open\n"
+        "def _crashing_open(fp, *a, **k):\n"
+        "    if hasattr(fp, 'getvalue') and b'CRASH-ME' in fp.getvalue():\n"
+        "        os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    return _open(fp, *a, **k)\n"
+        "Image.open = _crashing_open\n")
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, arr in enumerate(images[:70]):
+        (src / f"{k:03d}.png").write_bytes(shard_data.encode(arr, "PNG"))
+    (src / "040_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n CRASH-ME")
+    env = {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+
+    def run(out):
+        return subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--resolution", "32",
+                               "--workers", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+
+    r = run(tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped"] == [{"id": "040_bad.png", "reason": "decoder crashed (its worker process died)"}]
+    assert manifest["total"] == len(images[:70])
+    again = run(tmp_path / "again")
+    assert again.returncode == 0
+    assert shard_data.output_files(tmp_path / "out") == shard_data.output_files(tmp_path / "again")
+
+
+def test_outdir_is_locked_and_a_changed_source_is_detected(tmp_path, images):
+    from dcgan_dist.shard.output import LocalDir
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, arr in enumerate(images[:12]):
+        (src / f"{k:03d}.png").write_bytes(shard_data.encode(arr, "PNG"))
+    out = tmp_path / "out"
+    with LocalDir(out).lock():  # a run in progress
+        r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--quiet"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"is being written by pid {os.getpid()}" in r.stderr
+    (tmp_path / "mine.tmp").write_text("a user's own file")
+    assert shard_main([str(src), str(out), "--quiet"]) == 0
+    (src / "005.png").write_bytes(shard_data.encode(images[30], "PNG"))  # another picture in its place
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "changed since a finished run" in r.stderr
+    assert (tmp_path / "mine.tmp").exists()
