@@ -78,6 +78,54 @@ def test_resume_sees_exactly_the_same_batches(mnist_shards):
     assert not torch.equal(full[0][0], full[1][0])
 
 
+def test_resume_passes_over_the_prefix_without_decoding_and_sees_the_same_batches(tmp_path, mnist_shards):
+    """With the raw-sample counts the trainer records (StreamPosition), a resumed loader skips the pass's first
+    batches undecoded; with corrupt samples among them it still yields exactly the uninterrupted batches."""
+    import tarfile
+
+    from dcgan_dist.data import images as images_mod
+
+    rng = np.random.default_rng(1)
+    with tarfile.open(mnist_shards / "mnist5k-000000.tar") as tf:
+        pngs = [tf.extractfile(m).read() for m in tf if m.name.endswith(".png")][:300]
+    samples = [(f"s{i:04d}", {"png": b"broken" if rng.random() < 0.15 else png}) for i, png in enumerate(pngs)]
+    infos = [writer.write_shard(tmp_path / f"c-{k:06d}.tar", samples[k * 100:(k + 1) * 100]) for k in range(3)]
+    writer.write_manifest(tmp_path, infos, source="test", options={})
+    cfg = _cfg(tmp_path, "data.num_workers=2", "data.shuffle_buffer=50")
+    shards = resolve(cfg.data.shards)
+    spp = stream.steps_per_pass(shards, cfg, 1)
+    full = _take(stream.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp)
+    k = spp // 2 + 1
+    position = stream.StreamPosition(shards, cfg, 1, 0, None)
+    for step, (_, corrupt, _) in enumerate(full[:k]):
+        position.took(step, corrupt)
+    decoded = []
+    real_decode = images_mod.decode_image
+    stream.decode_image = lambda *a: decoded.append(1) or real_decode(*a)  # counts decodes (0 workers below)
+    try:
+        one = stream.ShardStream(shards, cfg, 0, 1, start_step=k, start_consumed=position.consumed)
+        resumed = []
+        for worker in (0, 1):  # both virtual streams in this process, as the two loader workers would run them
+            it = _as_worker(one, worker)
+            resumed.append([next(it) for _ in range(2)])
+            it.close()
+    finally:
+        stream.decode_image = real_decode
+    for w in (0, 1):  # worker w serves batches k + w, k + w + 2
+        for j, (img, corrupt, _) in enumerate(resumed[w]):
+            assert torch.equal(img, full[k + w + 2 * j][0]) and corrupt == full[k + w + 2 * j][1]
+    assert sum(decoded) < 190  # the four batches (~150 with their corrupt samples); the prefix too would be ~380
+
+
+def _as_worker(ds, worker):
+    """Iterate a ShardStream as DataLoader worker `worker` of ds.streams would."""
+    from unittest import mock
+
+    info = mock.Mock(id=worker, num_workers=ds.streams)
+    with mock.patch.object(stream, "get_worker_info", return_value=info):
+        yield from ds
+
+
 def test_same_seed_same_stream_other_seed_other_stream(mnist_shards):
     shards = resolve(str(mnist_shards))
     a = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]

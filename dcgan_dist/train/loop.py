@@ -20,7 +20,7 @@ from .. import checkpoint, files, models, pixels
 from .. import config as config_mod
 from ..config import Config
 from ..data.shardset import resolve
-from ..data.stream import make_loader
+from ..data.stream import StreamPosition, make_loader
 from ..distributed import context as dist
 from ..evaluate import during_training
 from . import health, perf, resume
@@ -76,8 +76,10 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
     step_fn = make_step(nets, cfg, ctx)
     G, D, fmt = nets.G, nets.D, perf.memory_format(cfg.perf.channels_last)
 
+    position = StreamPosition(shards, cfg, ctx.world_size, start.data_step, start.consumed)
     loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=start.data_step,
-                         pin_memory=device.type == "cuda", worker_init_fn=ignore_in_loader_workers)
+                         pin_memory=device.type == "cuda", worker_init_fn=ignore_in_loader_workers,
+                         start_consumed=position.consumed)
     batches = iter(loader)
     per_step = cfg.train.batch_size * ctx.world_size
     images_seen, step, data_step, skipped = start.images, start.step, start.data_step, start.skipped
@@ -111,6 +113,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
 
             stat_sum += step_fn(real, z)
             skipped = [skipped[0] + n_skipped, skipped[1] + n_bad_shards]
+            position.took(data_step, n_skipped)
             step, data_step = step + 1, data_step + 1
             steps_in_window += 1
             prev, images_seen = images_seen, images_seen + per_step
@@ -158,13 +161,15 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                                            + (f" in {' and '.join(bad)}" if bad else " on another rank"))
                 path = None
                 all_skipped = dist.gather_lists(skipped)
+                all_consumed = dist.gather_lists(position.consumed or [])
                 if ctx.is_main:
                     state = {
                         "G": models.base_module(G).state_dict(), "D": models.base_module(D).state_dict(),
                         "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
                         "images": images_seen, "step": step, "data_step": data_step, "rollbacks": rollbacks,
                         "geometry": resume.geometry(cfg, ctx), "world_size": ctx.world_size,
-                        "skipped": all_skipped, "rng": checkpoint.rng_state(), "config": config_mod.to_dict(cfg),
+                        "skipped": all_skipped, "consumed": all_consumed, "rng": checkpoint.rng_state(),
+                        "config": config_mod.to_dict(cfg),
                     }
                     path = checkpoint.save(state, checkpoint.path_for(run_dir, images_seen),
                                            cfg.log.keep_checkpoints, cfg.log.keep_every_images)

@@ -42,6 +42,7 @@ class Start:
     data_step: int = 0     # the data stream's position, in steps of the current geometry
     rollbacks: int = 0     # non-finite rollbacks so far: shift the latent draws away from the diverged ones
     skipped: list[int] = field(default_factory=lambda: [0, 0])  # this rank's corrupt samples, unreadable shards
+    consumed: list[int] | None = None  # raw samples per virtual stream in the current pass (None: unknown)
     messages: list[str] = field(default_factory=list)
 
 
@@ -108,6 +109,8 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
     if saved_geometry == geometry(cfg, ctx):
         start.data_step = int(state.get("data_step", start.step))
         start.skipped = list(skipped[ctx.rank]) if ctx.rank < len(skipped) else [0, 0]
+        consumed = state.get("consumed", [])
+        start.consumed = list(consumed[ctx.rank]) if ctx.rank < len(consumed) and consumed[ctx.rank] else None
     else:
         spp = steps_per_pass(shards, cfg, ctx.world_size)
         size = cfg.data.size or shards.size
