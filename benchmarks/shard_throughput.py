@@ -1,9 +1,10 @@
 """Images/sec of the shard tool with 1 and 2 workers against a plain single-process PIL loop, in the same run.
 
-All three turn the same LSUN-like JPEGs (short side 256, as LSUN's images) into 64x64 JPEG (quality 95) samples
-with a json field, in tar shards of 1,000. The tool is timed end to end through `shard.run`, pool start-up
-included. Each figure is the best of --repeats interleaved runs, since other processes on a shared machine only
-slow runs down.
+All turn the same LSUN-like images (short side 256, as LSUN's) into 64x64 JPEG (quality 95) samples with a json
+field, in tar shards of 1,000: from a folder of JPEGs, and from an LMDB in LSUN's own layout (40-hex-digit keys,
+WebP values, as `bedroom_train_lmdb`). The tool is timed end to end through `shard.run`, pool start-up included.
+Each figure is the best of --repeats interleaved runs, since other processes on a shared machine only slow runs
+down.
 
     python benchmarks/shard_throughput.py [--images 3000] [--repeats 3]
 """
@@ -45,6 +46,18 @@ def make_source(folder: Path, n: int) -> None:
         scale = 256 / min(crop.size)
         crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.BILINEAR)
         crop.save(folder / f"{k:06d}.jpg", quality=90)
+
+
+def make_lmdb(folder: Path, path: Path) -> None:
+    """The same pictures in LSUN's layout: an LMDB of WebP (quality 90) values under 40-hex-digit keys."""
+    import lmdb
+
+    with lmdb.open(str(path), map_size=1 << 32) as env, env.begin(write=True) as txn:
+        for k, jpg in enumerate(sorted(folder.iterdir())):
+            buf = io.BytesIO()
+            with Image.open(jpg) as img:
+                img.save(buf, format="WEBP", quality=90)
+            txn.put(f"{k * 2654435761 % 16 ** 40:040x}".encode(), buf.getvalue())
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -106,28 +119,30 @@ def main() -> None:
         scratch = Path(tmp)
         (scratch / "src").mkdir()
         make_source(scratch / "src", args.images)
-        src = str(scratch / "src")
-        jobs = {("plain PIL loop", 1): lambda out: plain_loop(scratch / "src", out)}
-        for workers in (1, 2):
-            jobs["dcgan_dist.shard", workers] = lambda out, w=workers: shard.run(src, out, Options(), workers=w,
-                                                                                 progress=False)
+        make_lmdb(scratch / "src", scratch / "bedroom_train_lmdb")
+        jobs = {("plain PIL loop", "JPEG folder", 1): lambda out: plain_loop(scratch / "src", out)}
+        for kind, src in (("JPEG folder", scratch / "src"), ("LSUN LMDB (WebP)", scratch / "bedroom_train_lmdb")):
+            for workers in (1, 2):
+                jobs["dcgan_dist.shard", kind, workers] = (
+                    lambda out, w=workers, s=str(src): shard.run(s, out, Options(), workers=w, progress=False))
         best = {key: (float("inf"), 0.0) for key in jobs}
         for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every method alike
             for key, job in jobs.items():
                 best[key] = min(best[key], timed(job, scratch))
     rows = [(*key, args.images / wall, 1000 * cpu / args.images) for key, (wall, cpu) in best.items()]
-    base = rows[0][2]
-    print(f"{args.images} LSUN-like JPEGs -> 64x64 JPEG shards, best of {args.repeats}; load average at the end "
+    base = rows[0][3]
+    print(f"{args.images} LSUN-like images -> 64x64 JPEG shards, best of {args.repeats}; load average at the end "
           + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + "\n")
-    print("| method | workers | images/s | vs plain loop | CPU ms per image |\n| --- | --- | --- | --- | --- |")
-    for name, workers, rate, cpu in rows:
-        print(f"| {name} | {workers} | {rate:,.0f} | {rate / base:.2f}x | {cpu:.2f} |")
-    tool1, tool2 = rows[1][2], rows[2][2]
-    print(f"\n2 workers / 1 worker: {tool2 / tool1:.2f}x (goal >= 1.7x); 1 worker / plain loop: "
-          f"{tool1 / base:.2f}x (goal >= 1x)")
-    # On a busy machine the wall-clock ratio says more about the neighbours than the tool; the CPU cost per image
-    # does not, and bounds what two idle cores give: 2 x (1-worker CPU) / (2-worker CPU).
-    print(f"scaling bound on 2 idle cores from CPU cost: {2 * rows[1][3] / rows[2][3]:.2f}x")
+    print("| method | source | workers | images/s | vs plain loop | CPU ms per image |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for name, kind, workers, rate, cpu in rows:
+        print(f"| {name} | {kind} | {workers} | {rate:,.0f} | {rate / base:.2f}x | {cpu:.2f} |")
+    print()
+    for one, two in ((rows[1], rows[2]), (rows[3], rows[4])):
+        # On a busy machine the wall-clock ratio says more about the neighbours than the tool; the CPU cost per
+        # image does not, and bounds what two idle cores give: 2 x (1-worker CPU) / (2-worker CPU).
+        print(f"{one[1]}: 2 workers / 1 worker {two[3] / one[3]:.2f}x (goal >= 1.7x), scaling bound on 2 idle "
+              f"cores from CPU cost {2 * one[4] / two[4]:.2f}x; 1 worker / plain loop {one[3] / base:.2f}x")
 
 
 if __name__ == "__main__":
