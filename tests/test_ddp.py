@@ -123,3 +123,22 @@ def test_three_shards_two_ranks_two_loader_workers_read_each_sample_once(tmp_pat
     assert len(set(read)) == len(read), "a sample was read twice in one pass"
     assert set(read) <= set(range(sum(sizes)))
     assert len(read) >= sum(sizes) - 2 * 2 * 2 * 2  # the pass covers all but less than a batch per slot
+
+
+def _late_rank(rank, world_size):
+    import time as _time
+
+    if rank == 1:
+        _time.sleep(6)  # never reaches the barrier in time
+        return "late"
+    try:
+        dist.barrier(timeout_s=2)
+    except dist.CollectiveTimeout as err:
+        return str(err)
+    return "passed"
+
+
+def test_a_missing_rank_is_named_not_waited_for_forever():
+    said, late = run_ranks(_late_rank, 2, timeout=60)
+    assert late == "late"
+    assert "waited 2 s (trainer.collective_timeout_s)" in said and "1" in said.split("barrier:")[1]

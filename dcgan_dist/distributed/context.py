@@ -96,9 +96,24 @@ def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def barrier() -> None:
-    if _active():
+class CollectiveTimeout(RuntimeError):
+    """A collective that waited longer than its timeout for other ranks; the message names them if known."""
+
+
+def barrier(timeout_s: float = 1800) -> None:
+    """Wait for every rank. On gloo a monitored barrier: a rank that does not arrive within timeout_s is named."""
+    if not _active():
+        return
+    if torch_dist.get_backend() != "gloo":
         torch_dist.barrier()
+        return
+    try:
+        torch_dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CollectiveTimeout(f"rank {torch_dist.get_rank()} of {torch_dist.get_world_size()} waited "
+                                f"{timeout_s:g} s (trainer.collective_timeout_s) at a barrier: {first}. A rank died "
+                                f"or hangs, or rank-0 work (eval.*) took longer than the timeout") from None
 
 
 

@@ -151,7 +151,13 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                          run_dir / "samples" / f"samples-{images_seen:012d}.png")
 
             if evaluator is not None and crossed(cfg.eval.every_images) and not stopping:
+                began = time.perf_counter()
                 evaluator(models.base_module(G), models.base_module(D), images_seen, log)
+                took = time.perf_counter() - began
+                if ctx.world_size > 1 and took > cfg.trainer.collective_timeout_s / 2:
+                    log.alarm(images_seen, f"the evaluation took {took:.0f} s while the other ranks wait; at "
+                                           f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s:g} s "
+                                           f"they will time out: raise it, or lower eval.samples")
 
             if crossed(cfg.log.checkpoint_every_images):
                 # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
@@ -174,7 +180,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                     path = checkpoint.save(state, checkpoint.path_for(run_dir, images_seen),
                                            cfg.log.keep_checkpoints, cfg.log.keep_every_images)
                 progress["since_rollback"] = 1
-                dist.barrier()
+                dist.barrier(cfg.trainer.collective_timeout_s)
                 if on_checkpoint is not None:
                     on_checkpoint(path, metrics)
 
