@@ -192,6 +192,11 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
             log.message(f"done: {images_seen} images. TensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
                         f"  samples: {run_dir / 'samples'}\n  checkpoint: {checkpoint.latest(run_dir)}")
     finally:
+        # Shut the loader workers down now, gracefully: an exception's traceback keeps the iterator alive until
+        # interpreter exit, where multiprocessing would SIGTERM workers that ignore it (stop.py) and wait forever.
+        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own clean shutdown
+        if shutdown is not None:
+            shutdown()
         if log is not None:
             log.close()
     return metrics

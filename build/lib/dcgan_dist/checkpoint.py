@@ -7,6 +7,7 @@ containers so that torch.load(weights_only=True) reads it without executing pick
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,40 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(state: dict, path: str | Path, keep: int | None = None) -> Path:
-    """Write state to path via a temporary file and an atomic rename; then keep only the newest `keep`."""
+def images_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def save(state: dict, path: str | Path, keep: int | None = None, keep_every: int | None = None) -> Path:
+    """Write state to path via a temporary file and an atomic rename; then keep only the newest `keep`, and
+    forever the first checkpoint at or after every multiple of keep_every images (milestones)."""
     path = Path(path)
     with files.atomic_open(path) as f:
         torch.save(state, f)
     if keep is not None:
-        for old in list_checkpoints(path.parent.parent)[:-keep]:
-            old.unlink(missing_ok=True)
+        found = list_checkpoints(path.parent.parent)
+        milestones = set()
+        if keep_every:
+            previous = 0
+            for p in found:
+                if images_of(p) // keep_every > previous // keep_every:
+                    milestones.add(p)
+                previous = images_of(p)
+        for old in found[:-keep]:
+            if old not in milestones:
+                old.unlink(missing_ok=True)
     return path
+
+
+def newest_readable(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, with its state; a damaged one (a full disk, a copy cut short) is passed
+    over with a warning naming it, so the run goes on from the one before."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load(path)
+        except RuntimeError as err:
+            print(f"dcgan_dist: warning: {err}; trying the checkpoint before it", file=sys.stderr, flush=True)
+    return None
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

@@ -64,6 +64,9 @@ class TrainConfig:
     beta2: float = 0.999
     seed: int = 0
     device: str = "auto"          # auto, cpu, cuda
+    on_nonfinite: str = "rollback"  # a NaN/Inf loss or weight: "rollback" to the newest checkpoint with new
+                                    # latent draws (up to max_rollbacks times), or "stop"
+    max_rollbacks: int = 3        # rollbacks in a row (without a finite checkpoint in between) before stopping
 
 
 @dataclass
@@ -72,6 +75,7 @@ class LogConfig:
     sample_every_images: int = 20_000  # fixed-noise sample grid
     checkpoint_every_images: int = 20_000
     keep_checkpoints: int = 3         # newest K kept, older ones deleted
+    keep_every_images: Optional[int] = None  # also keep forever the first checkpoint past every multiple of this
     grid_size: int = 64               # images in each sample grid
 
 
@@ -82,6 +86,7 @@ class TrainerConfig:
     sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
     max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
+    collective_timeout_s: float = 1800.0  # a collective waiting longer than this for a rank is an error
     storage_path: Optional[str] = None  # Ray checkpoint storage shared by all nodes (NFS path, s3://, gs://);
                                         # default: <run_dir>/ray, which suits one machine only
 
@@ -130,6 +135,7 @@ RANGES: dict[str, tuple] = {
     "data.io_timeout": ("<", 0, None),
     "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
     "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
+    "train.max_rollbacks": (0, None), "log.keep_every_images": (1, None), "trainer.collective_timeout_s": ("<", 0, None),
     "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
     "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
     "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),
@@ -139,6 +145,7 @@ RANGES: dict[str, tuple] = {
 CHOICES: dict[str, tuple] = {
     "model.resolution": (32, 64, 128), "model.channels": (1, 3), "model.kernel": (4, 5),
     "model.z_prior": ("normal", "uniform"), "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("rollback", "stop"),
     "perf.amp": ("auto", "fp32", "bf16", "fp16"),
     "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
     "eval.metric": (None, "fid", "coverage"),
@@ -217,7 +224,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{path}: key {key}: {err.msg if hasattr(err, 'msg') else err}") from None
+        message = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]  # not OmegaConf's type dump
+        raise ConfigError(f"{path}: key {key}: {message}") from None
     return _checked(cfg)
 
 

@@ -37,20 +37,67 @@ def _as_hwc(arr: np.ndarray) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+# EXIF orientation (tag 0x0112) -> the numpy steps that show the picture upright (PIL's exif_transpose table).
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+BACKGROUND = 255  # transparent pixels are composited over white, as viewers and browsers show them
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG, 1 (upright) when it has none; only files with an EXIF block pay for PIL."""
+    if data.find(b"Exif\0\0", 0, 1 << 16) < 0:
+        return 1
+    with Image.open(io.BytesIO(data)) as img:
+        return int(img.getexif().get(0x0112, 1) or 1)
+
+
+def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """A decoded image turned as its EXIF orientation says (phone photos are stored sideways)."""
+    turn = _ORIENT.get(orientation)
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
+
+
 def _decode_jpeg(data: bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     """libjpeg-turbo, scaled in the DCT domain to no less than min_side: several times faster than PIL."""
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     grey = colorspace == "Gray"
     arr = simplejpeg.decode_jpeg(data, "GRAY" if grey else "RGB", min_height=min_side, min_width=min_side)
-    return _as_hwc(arr), (height, width)
+    orientation = _jpeg_orientation(data)
+    arr = upright(_as_hwc(arr), orientation)
+    return arr, (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """Any PIL mode as uint8 greyscale (H, W) or RGB (H, W, 3): alpha composited over BACKGROUND, 16-bit and
+    32-bit integer greyscale rescaled to 0..255 (PIL's own conversion clips them to white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) <= 65535 else float(wide.max())
+        return np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+    if img.mode == "F":
+        return np.clip(np.round(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA"):
+        img = img.convert("LA")
+        back = Image.new("L", img.size, BACKGROUND)
+        back.paste(img.getchannel("L"), mask=img.getchannel("A"))
+        return np.asarray(back)
+    if img.mode in ("RGBA", "RGBa"):
+        back = Image.new("RGB", img.size, (BACKGROUND,) * 3)
+        back.paste(img.convert("RGB"), mask=img.getchannel("A"))
+        return np.asarray(back)
+    grey = img.mode in ("1", "L")
+    return np.asarray(img.convert("L" if grey else "RGB"))
 
 
 def _decode_pil(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-        arr = np.asarray(img.convert("L" if grey else "RGB"))
-    return _as_hwc(arr), arr.shape[:2]
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+        arr = upright(_as_hwc(_to_uint8(img)), orientation)
+    return arr, arr.shape[:2]
 
 
 def decode(data: bytes, min_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:

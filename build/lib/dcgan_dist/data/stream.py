@@ -39,7 +39,8 @@ class DataError(RuntimeError):
 class ShardStream(IterableDataset):
     """Endless batches for one rank: (uint8 images, corrupt samples skipped, shards skipped since the last)."""
 
-    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int = 0):
+    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int = 0,
+                 start_consumed: list[int] | None = None):
         self.shards = shards
         self.rank, self.world_size = rank, world_size
         self.batch_size = cfg.train.batch_size
@@ -52,36 +53,46 @@ class ShardStream(IterableDataset):
         self.streams = max(1, cfg.data.num_workers)
         self.steps_per_pass = steps_per_pass(shards, cfg, world_size)
         self.start_step = start_step
+        # Raw samples each virtual stream has taken in the start pass (consumed_by_stream): resume without decoding.
+        self.start_consumed = start_consumed if start_consumed and len(start_consumed) == self.streams else None
 
     # -- which samples a virtual stream reads in one pass ---------------------------------------------------
     def _rounds(self, pass_idx: int, stream: int, rng: random.Random) -> Iterator[Iterator[tuple[str, int, int]]]:
         """Rounds of (url, modulus, remainder) to read: keep sample j of the url when j % modulus == remainder.
 
         Resampling is one endless round of shards drawn with replacement. Without it, a slot (rank, stream) owns
-        a disjoint share of the pass's shard order (or, with fewer shards than slots, every nslots-th sample of
-        the pass counted across shard boundaries, so slots differ by at most one sample), and reads it again in
-        a new round only if corrupt samples left it short.
+        a disjoint share of the pass's shard order (or, with fewer shards than slots, a contiguous range of the
+        pass's samples counted across shard boundaries, so slots differ by at most one sample and each reads only
+        the one or two shards its range touches), and reads it again in a new round only if corrupt samples left
+        it short.
         """
         urls = self.shards.urls
         if self.resample:
-            yield ((rng.choice(urls), 1, 0) for _ in itertools.count())
+            yield ((rng.choice(urls), 0, None) for _ in itertools.count())
             return
         nslots = self.world_size * self.streams
         slot = self.rank * self.streams + stream
         order = list(range(len(urls)))
         random.Random(f"order-{self.seed}-{pass_idx}").shuffle(order)  # the same on every rank
-        starts = itertools.accumulate((self.shards.counts[i] for i in order), initial=0)
-        mine = [(urls[i], 1, 0) for i in order[slot::nslots]] if len(urls) >= nslots else \
-               [(urls[i], nslots, (slot - start) % nslots) for i, start in zip(order, starts)]
+        if len(urls) >= nslots:
+            mine = [(urls[i], 0, None) for i in order[slot::nslots]]
+        else:
+            total = sum(self.shards.counts)
+            lo, hi = slot * total // nslots, (slot + 1) * total // nslots
+            starts = list(itertools.accumulate((self.shards.counts[i] for i in order), initial=0))
+            mine = [(urls[i], max(lo - a, 0), min(hi, b) - a) for i, a, b in zip(order, starts, starts[1:])
+                    if a < hi and b > lo]
         while True:
             yield iter(mine)
 
-    def _read(self, sources: Iterator[tuple[str, int, int]]) -> Iterator[dict]:
-        for url, modulus, remainder in sources:
+    def _read(self, sources: Iterator[tuple[str, int, int | None]]) -> Iterator[dict]:
+        for url, first, stop in sources:
             got = 0
             try:
                 for j, sample in enumerate(storage.tar_samples(url, **self.read_options)):
-                    if j % modulus == remainder:
+                    if stop is not None and j >= stop:
+                        break
+                    if j >= first:
                         got += 1
                         yield sample
             except Exception as err:  # missing, unreadable, truncated or still failing after retries: counted
@@ -125,12 +136,26 @@ class ShardStream(IterableDataset):
                 self.decoded = True
                 yield image
 
-    def _pass_batches(self, pass_idx: int, stream: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+    def _pass_batches(self, pass_idx: int, stream: int, done: int = 0, raw_done: int | None = None,
+                      ) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """The stream's batches of a pass from its batch `done` on. raw_done, when known, is how many raw samples
+        batches 0 .. done-1 took (their images plus corrupt ones): those are passed over without decoding."""
         rng = random.Random(f"stream-{self.seed}-{pass_idx}-{self.rank}-{stream}")
         self.failed_reads = 0
         samples = (s for r in self._rounds(pass_idx, stream, rng) for s in self._shuffled(self._read(r), rng))
+        if raw_done is None:  # decode and drop the first `done` batches
+            drop = self._pass_batches_from(samples, 0)
+            for _ in range(done):
+                next(drop)
+            yield from drop
+            return
+        for _ in range(raw_done):
+            next(samples)
+        yield from self._pass_batches_from(samples, done)
+
+    def _pass_batches_from(self, samples: Iterator[dict], done: int) -> Iterator[tuple[torch.Tensor, int, int]]:
         images = self._decoded(samples)
-        for _ in range(self.steps_per_pass // self.streams):
+        for _ in range(self.steps_per_pass // self.streams - done):
             batch, skipped, bad_before = [], 0, self.bad_shards
             while len(batch) < self.batch_size:
                 img = next(images)
@@ -155,13 +180,11 @@ class ShardStream(IterableDataset):
         # After a resume at in-pass offset o, loader worker w serves virtual stream (o + w) % streams
         # from its ((o + w) // streams)-th batch on; pass lengths are multiples of `streams`, so it keeps it.
         stream = (offset + worker) % self.streams
-        skip = (offset + worker) // self.streams
-        for pass_idx in range(first_pass, sys.maxsize):
-            for item in self._pass_batches(pass_idx, stream):
-                if skip:
-                    skip -= 1
-                    continue
-                yield item
+        done = (offset + worker) // self.streams
+        raw_done = self.start_consumed[stream] if self.start_consumed is not None else None
+        yield from self._pass_batches(first_pass, stream, done, raw_done)
+        for pass_idx in range(first_pass + 1, sys.maxsize):
+            yield from self._pass_batches(pass_idx, stream)
 
 
 def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
@@ -187,16 +210,37 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
         raise ValueError(f"data.shards: the {len(shards.urls)} shards hold no sample that can be read")
     if not size:
         raise ValueError("data.shards names remote shards without a manifest.json, so the data set's size is "
-                         "unknown: set data.size to the number of images (or put a manifest.json beside them)")
+                         "unknown: write one with `python -m dcgan_dist.shard index PREFIX`, or set data.size")
     steps = max(1, math.ceil(size / (batch * world_size)))
     return math.ceil(steps / streams) * streams
 
 
 def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, worker_init_fn=None, start_consumed: list[int] | None = None) -> DataLoader:
     """The DataLoader over a rank's ShardStream; batching happens inside the workers."""
-    stream = ShardStream(shards, cfg, rank, world_size, start_step)
+    stream = ShardStream(shards, cfg, rank, world_size, start_step, start_consumed)
     workers = cfg.data.num_workers
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.data.prefetch if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=worker_init_fn if workers else None)
+
+
+class StreamPosition:
+    """What the trainer tracks of its rank's stream so that a resume passes over the pass's first batches
+    without decoding them: per virtual stream, the raw samples its batches took since the pass began."""
+
+    def __init__(self, shards: ShardSet, cfg: Config, world_size: int, data_step: int, consumed: list[int] | None):
+        self.spp = steps_per_pass(shards, cfg, world_size)
+        self.streams, self.batch = max(1, cfg.data.num_workers), cfg.train.batch_size
+        known = consumed is not None and len(consumed) == self.streams
+        self.consumed = list(consumed) if known else None  # unknown: the pass's prefix is decoded on resume
+        if data_step % self.spp == 0:
+            self.consumed = [0] * self.streams
+
+    def took(self, data_step: int, corrupt: int) -> None:
+        """Batch `data_step` (0-based, before counting it) arrived with `corrupt` samples skipped."""
+        offset = data_step % self.spp
+        if offset == 0:
+            self.consumed = [0] * self.streams
+        if self.consumed is not None:
+            self.consumed[offset % self.streams] += self.batch + corrupt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -20,6 +21,7 @@ class Context:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # this process created the process group (torchrun), so it also destroys it
 
     @property
     def is_main(self) -> bool:
@@ -41,16 +43,37 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device: str = "auto") -> Context:
-    """Join the process group that the launcher describes (none in a plain local run) and pick the device."""
+def init(device: str = "auto", timeout_s: float = 1800) -> Context:
+    """Join the process group that the launcher describes (none in a plain local run) and pick the device.
+
+    timeout_s bounds every collective: a rank that died or hangs becomes an error on the others, not a hang.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun or Ray Train
+    owns = False
     if (world_size > 1 or launched) and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Context(rank, world_size, local_rank, dev)
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                      timeout=timedelta(seconds=timeout_s))
+        owns = True
+    return Context(rank, world_size, local_rank, dev, owns)
+
+
+def shutdown(ctx: Context) -> None:
+    """Destroy the process group this process created (Ray Train destroys its own)."""
+    if ctx.owns_group and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's object on every rank (the object itself in a single process)."""
+    if not _active():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def _active() -> bool:
@@ -73,9 +96,24 @@ def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def barrier() -> None:
-    if _active():
+class CollectiveTimeout(RuntimeError):
+    """A collective that waited longer than its timeout for other ranks; the message names them if known."""
+
+
+def barrier(timeout_s: float = 1800) -> None:
+    """Wait for every rank. On gloo a monitored barrier: a rank that does not arrive within timeout_s is named."""
+    if not _active():
+        return
+    if torch_dist.get_backend() != "gloo":
         torch_dist.barrier()
+        return
+    try:
+        torch_dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CollectiveTimeout(f"rank {torch_dist.get_rank()} of {torch_dist.get_world_size()} waited "
+                                f"{timeout_s:g} s (trainer.collective_timeout_s) at a barrier: {first}. A rank died "
+                                f"or hangs, or rank-0 work (eval.*) took longer than the timeout") from None
 
 
 

@@ -87,7 +87,7 @@ def trainer_for(cfg: Config, loop: Loop) -> TorchTrainer:
     return TorchTrainer(
         partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
         train_loop_config={"cfg": config_mod.to_dict(cfg)},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=int(t.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(

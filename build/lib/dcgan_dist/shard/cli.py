@@ -5,6 +5,9 @@ id, the original size and any face box, and `cls` where the source has labels); 
 count, bytes and sha256, the total, the source, the options, the tool version and every skipped input with its
 reason; with --dedup, duplicates.tsv (removed id, id of the kept copy). The same input and options give the same
 bytes whatever --workers is. A killed run restarted with the same arguments resumes (shard/run.py).
+
+Also: `python -m dcgan_dist.shard index DIR_OR_PREFIX` writes manifest.json for shards made by other tools, and
+`python -m dcgan_dist.shard verify DIR_OR_PREFIX` checks every shard against its manifest (shard/index.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from dataclasses import fields
 
 from ..data.images import FORMATS
-from . import sources
+from . import index, sources
 from .options import DEDUP_MODES, Options
 from .run import ShardError, run
 
@@ -23,7 +26,7 @@ from .run import ShardError, run
 def _parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(
-        prog="python -m dcgan_dist.shard", description=__doc__.split("\n\n")[0],
+        prog="python -m dcgan_dist.shard", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="an LSUN LMDB directory (e.g. bedroom_train_lmdb), an image folder (searched "
                    "recursively for jpg, jpeg, png, webp, bmp), a zip or tar archive, or builtin:mnist5k / "
@@ -56,8 +59,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _index_or_verify(command: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m dcgan_dist.shard {command}",
+                                description=index.__doc__.split("\n\n")[1])
+    p.add_argument("target", help="a shard folder or a bucket prefix such as s3://bucket/prefix/")
+    args = p.parse_args(argv)
+    try:
+        if command == "index":
+            manifest = index.index(args.target)
+            print(f"wrote {args.target.rstrip('/')}/manifest.json: {manifest['total']} samples in "
+                  f"{len(manifest['shards'])} shards")
+            return 0
+        checked, problems = index.verify(args.target)
+    except (ValueError, OSError) as err:
+        print(f"dcgan_dist.shard {command}: error: {err}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"verified {checked} shards in {args.target}: " + (f"{len(problems)} problems" if problems else "all good"))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("index", "verify"):
+        return _index_or_verify(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -3,9 +3,15 @@ destination (object storage) can stand in for the local directory by providing t
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 
@@ -15,12 +21,41 @@ from ..data.manifest import MANIFEST, ShardInfo, file_sha256
 from . import writer
 
 
+LOCK = ".lock"
+
+
+class Busy(Exception):
+    """Another run holds the output directory; the message names it."""
+
+
 class LocalDir:
     """A local output directory; every file appears atomically under its final name."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold OUTDIR for this run: a second run at the same time is told who holds it, instead of both
+        writing the same shards. The kernel drops the lock when a process dies, so a killed run never blocks."""
+        with open(self.path / LOCK, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise Busy(f"{self.path} is being written by {holder}; wait for it to finish or choose another "
+                           f"OUTDIR") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -129,6 +164,11 @@ class BucketDir:
 
     def remove_temporaries(self) -> None:
         """Nothing to do: an interrupted upload leaves no object behind."""
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Object stores have no locks: two runs into one prefix are the user's to avoid (docs say so)."""
+        yield
 
 
 def open_output(dest: str | Path) -> LocalDir | BucketDir:

@@ -19,11 +19,12 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from ..data import storage
 from ..data.manifest import MANIFEST, ShardInfo
 from . import dedup, sources
 from . import worker as shard_worker
 from .options import Options
-from .output import LocalDir, open_output
+from .output import Busy, LocalDir, open_output
 from .writer import safe_key, shard_name
 
 PROGRESS = ".progress"
@@ -158,8 +159,14 @@ def _claim(out: LocalDir, identity: dict) -> dict | None:
         if raw is None:
             continue
         found = json.loads(raw)
+        print_ = found.get("source_fingerprint")
+        if print_ is not None and found.get("source") == identity["source"] and print_ != identity["fingerprint"]:
+            state = "a finished run" if name == MANIFEST else "an unfinished run"
+            raise ShardError(f"the source {identity['source']} changed since {state} in {out} read it (its listing "
+                             f"of names and sizes differs), so input positions would shift: restore the source, "
+                             f"or choose another OUTDIR")
         found = {"source": found.get("source"), "options": found.get("options")}
-        if found != identity:
+        if found != {k: identity[k] for k in ("source", "options")}:
             differ = [k for k in identity["options"] if found["options"] and found["options"].get(k) !=
                       identity["options"][k]]
             what = "source" if found["source"] != identity["source"] else "options " + ", ".join(differ)
@@ -169,7 +176,8 @@ def _claim(out: LocalDir, identity: dict) -> dict | None:
         if name == MANIFEST:
             out.remove(PROGRESS)  # left behind if a run was killed right after its manifest
             return json.loads(raw)
-    out.write_bytes(_RUN, _json(identity))
+    out.write_bytes(_RUN, _json({"source": identity["source"], "options": identity["options"],
+                                 "source_fingerprint": identity["fingerprint"]}))
     return None
 
 
@@ -180,8 +188,22 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
     if len(source) == 0:
         raise ShardError(f"source {source_spec} holds no file")
     opts = replace(opts, prefix=opts.prefix or safe_key(source.name))
-    out = open_output(outdir)
-    identity = {"source": source_spec, "options": asdict(opts)}
+    if not storage.is_remote(str(outdir)) and Path(outdir).exists() and not Path(outdir).is_dir():
+        raise ShardError(f"OUTDIR {outdir} is a file, not a directory: name a new or existing folder")
+    try:
+        out = open_output(outdir)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"cannot write to OUTDIR {outdir}: {err}") from None
+    identity = {"source": source_spec, "options": asdict(opts), "fingerprint": source.fingerprint()}
+    try:
+        with out.lock():
+            return _shard(source, source_spec, out, opts, identity, workers, progress)
+    except Busy as err:
+        raise ShardError(str(err)) from None
+
+
+def _shard(source: sources.Source, source_spec: str, out: LocalDir, opts: Options, identity: dict, workers: int,
+           progress: bool) -> dict:
     finished = _claim(out, identity)
     if finished is not None:
         return finished
@@ -201,7 +223,7 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
         for name in (PROGRESS, HASHER):
             out.remove(name)
         raise ShardError(state.why_empty(len(source)))
-    extra = {}
+    extra = {"source_fingerprint": identity["fingerprint"]}
     if opts.dedup != "none":
         out.write_bytes(DUPLICATES, "".join(f"{a}\t{b}\n" for a, b in [["removed", "kept"], *state.duplicates])
                         .encode())

@@ -7,6 +7,7 @@ pickles as little more than its path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import zipfile
@@ -49,16 +50,30 @@ class Source:
         """The raw image (encoded bytes, or an array for built-in sets) and extra sample fields (e.g. cls)."""
         raise NotImplementedError
 
+    def listing(self) -> Iterator[str]:
+        """Lines that change when the input changes (names and sizes): what fingerprint() hashes."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash of the source's listing: a resumed run must see the inputs at the same positions."""
+        digest = hashlib.sha256()
+        for line in self.listing():
+            digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+        return digest.hexdigest()[:32]
+
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # open handles stay behind
+
+
+_KEY_BATCH = 10_000
 
 
 class LmdbSource(Source):
     """LSUN's layout: an LMDB directory whose keys are image ids and values WebP or JPEG bytes.
 
     py-lmdb refuses to open an environment twice in one process, and a forked worker inherits its parent's
-    record of open environments: so the main process holds the environment open only while it lists keys (the
-    worker pool has forked by then, see worker.mapped), and each worker opens its own on first use.
+    record of open environments: so the main process holds the environment open only while it reads a batch of
+    keys, and each worker opens its own on first use.
     """
 
     def __init__(self, path: Path):
@@ -85,12 +100,30 @@ class LmdbSource(Source):
         return self.entries
 
     def refs(self):
-        try:
+        # Keys in batches, the environment closed between them: a worker forked at any moment (a pool starting,
+        # a crashed decoder's input retried alone) inherits no open environment.
+        after = None
+        while True:
             with self._env().begin() as txn:
-                for key in txn.cursor().iternext(keys=True, values=False):
-                    yield key.decode("utf-8", "backslashreplace"), key
-        finally:
-            self._close()  # closed before the next pass forks its workers
+                cursor = txn.cursor()
+                found = cursor.set_range(after) if after is not None else cursor.first()
+                batch = []
+                while found and len(batch) < _KEY_BATCH:
+                    key = cursor.key()
+                    if key != after:
+                        batch.append(key)
+                    found = cursor.next()
+            self._close()
+            if not batch:
+                return
+            yield from ((key.decode("utf-8", "backslashreplace"), key) for key in batch)
+            after = batch[-1]
+
+    def listing(self):
+        yield f"lmdb entries {self.entries}"
+        for name in ("data.mdb",):
+            path = os.path.join(self.path, name)
+            yield f"{name} {os.path.getsize(path) if os.path.exists(path) else 0}"
 
     def load(self, ref):
         with self._env().begin(buffers=False) as txn:
@@ -115,6 +148,13 @@ class FolderSource(Source):
     def refs(self):
         return ((f, f) for f in self.files)
 
+    def listing(self):
+        for f in self.files:
+            try:
+                yield f"{f}\t{(self.path / f).stat().st_size}"
+            except OSError:
+                yield f"{f}\t?"
+
     def load(self, ref):
         _check_ext(ref)
         return (self.path / ref).read_bytes(), {}
@@ -136,6 +176,10 @@ class ZipSource(Source):
 
     def refs(self):
         return ((m, m) for m in self.members)
+
+    def listing(self):
+        yield f"zip {os.path.getsize(self.path)}"
+        yield from self.members
 
     def load(self, ref):
         _check_ext(ref)
@@ -162,6 +206,10 @@ class TarSource(Source):
 
     def __len__(self):
         return len(self.members)
+
+    def listing(self):
+        yield f"tar {os.path.getsize(self.path)}"
+        yield from (f"{name}\t{size}" for name, _, size in self.members)
 
     def refs(self):
         if self.random_access:
@@ -203,6 +251,9 @@ class BuiltinSource(Source):
 
     def refs(self):
         return ((f"{self.name}/{i}", i) for i in range(self.count))
+
+    def listing(self):
+        yield f"builtin {self.name} {self.count}"
 
     def load(self, ref):
         images, labels = self._arrays()

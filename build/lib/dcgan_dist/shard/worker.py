@@ -12,6 +12,7 @@ import multiprocessing
 import pickle
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -142,28 +143,77 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+CRASHED = "decoder crashed (its worker process died)"
+
+
+def _solo(method: str, worker_args: tuple, item: tuple, conn) -> None:
+    conn.send(getattr(Worker(*worker_args), method)(*item))
+    conn.close()
+
+
+def _isolated(ctx, method: str, worker_args: tuple, item: tuple) -> Result:
+    """One item in a fresh process of its own: its result, or a skip when the process dies on it."""
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_solo, args=(method, worker_args, item, send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the process died before it could answer
+        result = Result(item[0], item[1], skipped=CRASHED)
+    proc.join()
+    return result
+
+
 def mapped(method: str, items: Iterable[tuple[int, str, object]], worker_args: tuple,
            workers: int) -> Iterator[Result]:
-    """Worker.<method> over (pos, id, ref) items, in order; in this process for one worker, else in a pool."""
+    """Worker.<method> over (pos, id, ref) items, in order; in this process for one worker, else in a pool.
+
+    In a pool, an input that kills its worker process (a decoder crashing in C) breaks the pool: the chunks in
+    flight are then retried item by item, each alone in a fresh process, the killer is skipped with the reason
+    CRASHED, and a new pool carries on. Every rerun skips the same input, so the output stays deterministic.
+    """
     if workers <= 1:
         worker = Worker(*worker_args)
         yield from (getattr(worker, method)(*item) for item in items)
         return
-    # Forked workers start at once; spawned ones would re-import the main module and all it imports (torch,
-    # through the storage layer) first. Workers never call into torch, so its threads here are no hazard: the
-    # same reasoning as PyTorch's own DataLoader. The arguments go pickled so each worker opens its own handles.
-    # An executor, not a Pool: a worker killed by a crashing decoder raises BrokenProcessPool instead of a hang.
+    # Forked workers start at once; spawned ones would re-import the main module and all it imports first.
+    # Workers never call into torch, so its threads here are no hazard: the same reasoning as PyTorch's own
+    # DataLoader. The arguments go pickled so each worker opens its own handles.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, ctx, initializer=_start, initargs=(pickle.dumps(worker_args),)) as pool:
-        # Start every worker before the first item is drawn: drawing may open a source's handle (an LMDB
-        # environment) in this process, which forked workers must not inherit.
-        for ready in [pool.submit(_ready) for _ in range(workers)]:
+
+    def new_pool() -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(workers, ctx, initializer=_start, initargs=(pickle.dumps(worker_args),))
+        for ready in [pool.submit(_ready) for _ in range(workers)]:  # all forked before the next item is drawn
             ready.result()
-        pending: deque = deque()
+        return pool
+
+    pool = new_pool()
+    pending: deque = deque()  # (chunk, future), in input order
+
+    def next_results() -> list[Result]:
+        nonlocal pool
+        chunk, future = pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            backlog = [chunk] + [c for c, _ in pending]
+            done = [f.result() if f.done() and f.exception() is None else None for _, f in pending]
+            pending.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+            results = [_isolated(ctx, method, worker_args, item) for item in chunk]
+            for c, ok in zip(backlog[1:], done):
+                results += ok if ok is not None else [_isolated(ctx, method, worker_args, item) for item in c]
+            pool = new_pool()
+            return results
+
+    try:
         for chunk in _chunks(items, CHUNK):
-            pending.append(pool.submit(_run, method, chunk))
+            pending.append((chunk, pool.submit(_run, method, chunk)))
             if len(pending) >= _IN_FLIGHT * workers:
-                yield from pending.popleft().result()
+                yield from next_results()
         while pending:
-            yield from pending.popleft().result()
+            yield from next_results()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

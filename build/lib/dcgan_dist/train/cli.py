@@ -7,6 +7,7 @@ Writes the configured built-in data set as shards if needed, then trains in this
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import config as config_mod
@@ -15,7 +16,10 @@ from ..data import storage
 from ..data.shardset import resolve
 from ..data.stream import DataError, steps_per_pass
 from ..shard.run import builtin_shards
+from .health import NonFinite
 from .loop import train
+from .resume import ResumeError
+from .stop import Stopped
 
 
 def prepare_data(cfg: Config) -> None:
@@ -53,3 +57,11 @@ def main(argv=None) -> None:
             train(cfg)
     except DataError as err:  # raised in a loader worker, re-raised here with its traceback as text
         raise SystemExit(f"error: {str(err).strip().splitlines()[-1].split('DataError: ')[-1]}")
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    except NonFinite as err:
+        raise SystemExit(f"error: {err}")
+    except Stopped as err:
+        print(f"dcgan_dist: {err}", file=sys.stderr)
+        raise SystemExit(128 + err.signum)

@@ -19,7 +19,8 @@ class RunLog:
 
     def __init__(self, run_dir: str | Path, cfg, total_images: int, start_images: int):
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        # A resumed run drops what a crashed one logged after its checkpoint, so no curve shows those steps twice.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_images + 1 if start_images else None)
         self.total = total_images
         self.bar = None
         if sys.stderr.isatty():
@@ -49,6 +50,12 @@ class RunLog:
         self.writer.flush()
         if png_path is not None:
             Image.fromarray(picture).save(str(png_path))
+
+    def alarm(self, images: int, text: str) -> None:
+        """A warning on the terminal and as TensorBoard text (tag `alarm`)."""
+        self.message(f"warning at {images} images: {text}")
+        self.writer.add_text("alarm", text, images)
+        self.writer.flush()
 
     def message(self, text: str) -> None:
         if self.bar is not None:
