@@ -60,7 +60,7 @@ def our_step_fn(cfg, device):
     ctx = dist.Context(0, 1, 0, device)
     nets = build_nets(cfg, ctx)
     step_fn = make_step(nets, cfg, ctx)
-    fmt = perf.memory_format(cfg.perf.channels_last)
+    fmt = perf.memory_format(nets.resolved.channels_last)
     u8, _ = host_batches(cfg)
     stats = torch.zeros(5, device=device)
 
@@ -78,10 +78,12 @@ def baseline_step_fn(cfg, device):
 
 
 def bench_config(resolution: int, batch: int, device: str, *overrides: str):
-    """The standard model (nz 100, widths 64, kernel 4, RGB) at a resolution and batch."""
+    """The standard model (nz 100, widths 64, kernel 4, RGB) at a resolution and batch. The perf switches start
+    off, so that a mode is exactly what its overrides say ("auto" would turn the GPU's fast paths on)."""
     return config.load(None, [f"model.resolution={resolution}", "model.channels=3", "model.ngf=64",
                               "model.ndf=64", "model.kernel=4", f"train.batch_size={batch}",
-                              f"train.device={device}", *overrides])
+                              f"train.device={device}", "perf.channels_last=false", "perf.cuda_graph=false",
+                              *overrides])
 
 
 def main() -> None:

@@ -93,12 +93,14 @@ class TrainerConfig:
 
 @dataclass
 class PerfConfig:
+    """Speed options. "auto" resolves to the fastest path that is correct for the device and the other settings
+    (train/perf.py: resolve); an explicit value always wins. The resolved values go into the run's config.yaml."""
     amp: str = "auto"             # auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16, or fp16 with gradient scaling
-    channels_last: bool = False   # NHWC memory format: faster convolutions on tensor-core GPUs
+    channels_last: str = "auto"   # NHWC memory format (faster convolutions on tensor cores); auto: on for CUDA
     compile: str = "none"         # torch.compile mode for G and D: none, default, max-autotune, reduce-overhead
-    fused_adam: Optional[bool] = None  # fused Adam kernels; null: fused on CUDA, not on the CPU
+    fused_adam: str = "auto"      # fused Adam kernels; auto: on CUDA, not on the CPU
     ddp_bucket_mb: int = 4        # DDP gradient bucket size: small buckets overlap the all-reduce of small models
-    cuda_graph: Optional[bool] = False  # capture the whole step as one CUDA graph; null: on whenever CUDA is used
+    cuda_graph: str = "auto"      # the whole step as one CUDA graph; auto: on for CUDA unless the settings forbid it
 
 
 @dataclass
@@ -126,6 +128,8 @@ class Config:
     run_dir: str = "runs/default"
 
 
+SWITCH = ("auto", "true", "false", "True", "False")  # YAML's true/false reach a str key as "True"/"False"
+
 # Every numeric key's allowed range: (lowest, highest), None for no bound; "<" before a bound excludes it.
 # tests/test_config.py checks that every int or float field of the schema is listed here.
 RANGES: dict[str, tuple] = {
@@ -149,6 +153,7 @@ CHOICES: dict[str, tuple] = {
     "perf.amp": ("auto", "fp32", "bf16", "fp16"),
     "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
     "eval.metric": (None, "fid", "coverage"),
+    "perf.channels_last": SWITCH, "perf.fused_adam": SWITCH, "perf.cuda_graph": SWITCH,
     "eval.inception_dims": (64, 192, 768, 2048),  # fid.DIMS, not imported: config stays free of torch
 }
 

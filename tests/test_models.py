@@ -70,3 +70,38 @@ def test_latent_priors():
     assert u.shape == (10_000, 100) and u.min() >= -1 and u.max() <= 1 and abs(u.std() - 0.577) < 0.01
     n = models.sample_z(10_000, _cfg(z_prior="normal"))
     assert abs(n.std() - 1) < 0.01
+
+
+def test_perf_auto_resolves_to_the_fast_correct_path_per_device():
+    from dcgan_dist.train.perf import resolve
+
+    def p(*overrides):
+        return config.load(None, list(overrides)).perf
+
+    gpu = resolve(p(), "cuda")
+    assert (gpu.amp, gpu.channels_last, gpu.fused_adam, gpu.cuda_graph, gpu.notes) == ("bf16", True, True, True, ())
+    cpu = resolve(p(), "cpu")
+    assert (cpu.amp, cpu.channels_last, cpu.fused_adam, cpu.cuda_graph) == ("fp32", False, False, False)
+    assert resolve(p(), "cuda", bf16_supported=False).amp == "fp32"
+    fp16 = resolve(p("perf.amp=fp16"), "cuda")
+    assert not fp16.cuda_graph and "scaler" in fp16.notes[0]
+    compiled = resolve(p("perf.compile=reduce-overhead"), "cuda")
+    assert not compiled.cuda_graph and "reduce-overhead" in compiled.notes[0]
+    assert resolve(p("perf.compile=default"), "cuda").cuda_graph  # default compile mode makes no graphs itself
+    explicit = resolve(p("perf.channels_last=false", "perf.cuda_graph=false", "perf.fused_adam=false"), "cuda")
+    assert (explicit.channels_last, explicit.cuda_graph, explicit.fused_adam) == (False, False, False)
+    assert resolve(p("perf.channels_last=true", "perf.amp=bf16"), "cpu").channels_last  # explicit wins on the CPU
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve(p("perf.cuda_graph=true"), "cpu")
+    with pytest.raises(ValueError, match="not fp16"):
+        resolve(p("perf.cuda_graph=true", "perf.amp=fp16"), "cuda")
+    with pytest.raises(config.ConfigError, match="perf.cuda_graph"):
+        config.load(None, ["perf.cuda_graph=maybe"])
+
+
+def test_shipped_gpu_configs_need_no_perf_flags():
+    from dcgan_dist.train.perf import resolve
+
+    for name in ("lsun_bedroom_64", "faces_64"):
+        r = resolve(config.load(config.find(name)).perf, "cuda")
+        assert (r.amp, r.channels_last, r.fused_adam, r.cuda_graph) == ("bf16", True, True, True), name

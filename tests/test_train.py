@@ -40,8 +40,9 @@ def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
     assert metrics["images"] == 320
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["samples-000000000160.png",
                                                                    "samples-000000000320.png"]
-    saved = config.load(run / "config.yaml")
-    assert saved == tiny_cfg
+    saved = config.to_dict(config.load(run / "config.yaml"))
+    assert saved == {**config.to_dict(tiny_cfg), "perf": saved["perf"]}  # perf: "auto" resolved
+    assert "auto" not in saved["perf"].values()
 
     state = checkpoint.load(checkpoint.latest(run))
     assert state["images"] == 320 and state["step"] == 20
@@ -150,3 +151,10 @@ def test_pipe_urls_train_and_failed_commands_are_skipped(mnist_shards, tmp_path)
     assert checkpoint.latest(tmp_path / "run").name == "ckpt-000000000320.pt"
     scalars = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
     assert scalars.Scalars("data/skipped_shards")[-1].value >= 1
+
+
+def test_resolved_perf_settings_are_printed_and_saved(tiny_cfg, capsys):
+    train(tiny_cfg)
+    assert "perf: amp fp32, channels_last off, fused_adam off, cuda_graph off" in capsys.readouterr().out
+    saved = config.load(Path(tiny_cfg.run_dir) / "config.yaml").perf
+    assert (saved.amp, saved.channels_last, saved.fused_adam, saved.cuda_graph) == ("fp32", "false", "false", "false")

@@ -74,7 +74,8 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
     opt_g, opt_d = nets.opt_g, nets.opt_d
     rollbacks = start.rollbacks + extra_rollbacks
     step_fn = make_step(nets, cfg, ctx)
-    G, D, fmt = nets.G, nets.D, perf.memory_format(cfg.perf.channels_last)
+    G, D, fmt = nets.G, nets.D, perf.memory_format(nets.resolved.channels_last)
+    cfg = perf.with_resolved(cfg, nets.resolved)  # what config.yaml and the checkpoints record
 
     position = StreamPosition(shards, cfg, ctx.world_size, start.data_step, start.consumed)
     loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=start.data_step,
@@ -93,6 +94,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
         (run_dir / "samples").mkdir(exist_ok=True)
         files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
         log = RunLog(run_dir, cfg, target, images_seen)
+        log.message(nets.resolved.describe())
         if start.path is not None:
             log.message(f"resumed from {start.path} at {images_seen} images")
         for message in start.messages:

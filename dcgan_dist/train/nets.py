@@ -27,21 +27,24 @@ class Nets:
     opt_d: torch.optim.Optimizer
     prec: perf.Precision
     graphed: bool
+    resolved: perf.Resolved  # the perf settings in use, every "auto" decided
 
 
 def build_nets(cfg: Config, ctx: Context) -> Nets:
     """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers."""
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
-    fmt = perf.memory_format(cfg.perf.channels_last)
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    resolved = perf.resolve(cfg.perf, device.type, bf16_supported=bf16)
+    fmt = perf.memory_format(resolved.channels_last)
     G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
     if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
         G, D = syncbn.convert(G), syncbn.convert(D)
-    graphed = perf.cuda_graph_enabled(cfg.perf.cuda_graph, device)
+    graphed = resolved.cuda_graph
     betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, device, cfg.perf.fused_adam, capturable=graphed)
-    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, device, cfg.perf.fused_adam, capturable=graphed)
-    return Nets(G, D, opt_g, opt_d, perf.precision(cfg.perf.amp, device, cuda_graph=graphed), graphed)
+    opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, resolved.fused_adam, capturable=graphed)
+    opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, resolved.fused_adam, capturable=graphed)
+    return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), graphed, resolved)
 
 
 def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import config as config_mod
+
 # Dense bf16 tensor-core peaks (FLOP/s) of the chips we report MFU against; nanoGPT's estimate_mfu idea.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -40,10 +42,63 @@ class Precision:
         scaler.update()
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """The perf settings a run uses, every "auto" decided."""
+    amp: str  # fp32, bf16 or fp16
+    channels_last: bool
+    fused_adam: bool
+    cuda_graph: bool
+    notes: tuple[str, ...] = ()  # why an auto setting left a fast path off
+
+    def describe(self) -> str:
+        on = lambda b: "on" if b else "off"  # noqa: E731
+        return (f"perf: amp {self.amp}, channels_last {on(self.channels_last)}, fused_adam {on(self.fused_adam)}, "
+                f"cuda_graph {on(self.cuda_graph)}" + "".join(f"; {n}" for n in self.notes))
+
+
+def _switch(key: str, value: str) -> bool | None:
+    """perf switch values: auto -> None, true/false (any case, as YAML or the command line give them) -> bool."""
+    lowered = str(value).lower()
+    if lowered == "auto":
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise ValueError(f"perf.{key}: {value!r} is not auto, true or false")
+
+
+def resolve(p, device_type: str, bf16_supported: bool = True) -> Resolved:
+    """The fastest settings that are correct for the device and each other; explicit values always win.
+
+    CUDA: bf16 autocast, channels_last, fused Adam and the whole-step CUDA graph; the graph stays off (with the
+    reason noted) under fp16, whose gradient scaler syncs with the host, and under a torch.compile mode that
+    captures CUDA graphs of its own. The CPU: fp32, eager, plain Adam.
+    """
+    cuda = device_type == "cuda"
+    amp = p.amp if p.amp != "auto" else ("bf16" if cuda and bf16_supported else "fp32")
+    channels_last = _switch("channels_last", p.channels_last)
+    fused = _switch("fused_adam", p.fused_adam)
+    graph = _switch("cuda_graph", p.cuda_graph)
+    notes = []
+    if graph is None:
+        why = None
+        if cuda and amp == "fp16":
+            why = "fp16's gradient scaler syncs with the host every step"
+        elif cuda and p.compile in ("reduce-overhead", "max-autotune"):
+            why = f"perf.compile={p.compile} captures CUDA graphs of its own"
+        graph = cuda and why is None
+        if why:
+            notes.append(f"cuda_graph=auto left off: {why}")
+    elif graph and not cuda:
+        raise ValueError("perf.cuda_graph=true needs a CUDA device")
+    elif graph and amp == "fp16":
+        raise ValueError("perf.cuda_graph=true works with perf.amp fp32 or bf16, not fp16 (its scaler syncs)")
+    return Resolved(amp, cuda if channels_last is None else channels_last, cuda if fused is None else fused,
+                    graph, tuple(notes))
+
+
 def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Precision:
-    """perf.amp -> Precision: 'auto' is bf16 on CUDA and fp32 on the CPU."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """A resolved perf.amp (fp32, bf16 or fp16) -> Precision."""
     if amp == "fp32":
         return Precision(None, device.type)
     if amp == "bf16":
@@ -56,18 +111,9 @@ def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Preci
     raise ValueError(f"perf.amp: {amp!r} is not auto, fp32, bf16 or fp16")
 
 
-def adam(params, lr: float, betas: tuple[float, float], device: torch.device, fused: bool | None,
-         capturable: bool = False) -> torch.optim.Adam:
-    """Adam, fused into one kernel where perf.fused_adam says so (by default on CUDA)."""
-    use_fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=use_fused or None, capturable=capturable)
-
-
-def cuda_graph_enabled(setting: bool | None, device: torch.device) -> bool:
-    """perf.cuda_graph: null means on for a CUDA device, off elsewhere; true on the CPU is an error."""
-    if setting and device.type != "cuda":
-        raise ValueError("perf.cuda_graph=true needs a CUDA device")
-    return device.type == "cuda" if setting is None else setting
+def adam(params, lr: float, betas: tuple[float, float], fused: bool, capturable: bool = False) -> torch.optim.Adam:
+    """Adam, fused into one kernel when the resolved perf.fused_adam says so."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None, capturable=capturable)
 
 
 def compiled(module: nn.Module, mode: str) -> nn.Module:
@@ -75,6 +121,16 @@ def compiled(module: nn.Module, mode: str) -> nn.Module:
     if mode == "none":
         return module
     return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def with_resolved(cfg, resolved: Resolved):
+    """A copy of cfg whose perf section holds the resolved values instead of "auto"."""
+    out = config_mod.from_dict(config_mod.to_dict(cfg))
+    out.perf.amp = resolved.amp
+    out.perf.channels_last = str(resolved.channels_last).lower()
+    out.perf.fused_adam = str(resolved.fused_adam).lower()
+    out.perf.cuda_graph = str(resolved.cuda_graph).lower()
+    return out
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
