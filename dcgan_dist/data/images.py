@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-FORMATS = ("jpg", "png", "webp")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # image fields of a sample, and image files of a source
+FORMATS = ("jpg", "png", "webp", "raw")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # image files of a source, and image fields of a sample
+SAMPLE_FIELDS = ("raw", *IMAGE_EXTS)  # where a sample's image may be, fastest first
+# Raw pixels: this magic, then height, width, channels (little-endian u16, u16, u8), then uint8 HWC pixels.
+# Nothing to decode, and lossless: the fastest format for the loader and the right one for FID.
+RAW_MAGIC = b"DCGRAW1\0"
+_RAW_HEADER = struct.Struct("<HHB")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _ADDRESS = re.compile(r" ?<[^>]* at 0x[0-9a-f]+>")  # object reprs would make manifests differ run to run
 
@@ -100,10 +106,30 @@ def _decode_pil(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     return arr, arr.shape[:2]
 
 
+def encode_raw(arr: np.ndarray) -> bytes:
+    """uint8 HWC pixels as a raw sample (RAW_MAGIC, shape, pixels)."""
+    h, w, c = arr.shape
+    return RAW_MAGIC + _RAW_HEADER.pack(h, w, c) + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+
+
+def decode_raw(data: bytes) -> np.ndarray:
+    """A raw sample's pixels: a read-only uint8 HWC view of the bytes, checked against the recorded shape."""
+    start = len(RAW_MAGIC) + _RAW_HEADER.size
+    if len(data) < start:
+        raise BadImage(f"raw sample of {len(data)} bytes is shorter than its header")
+    h, w, c = _RAW_HEADER.unpack_from(data, len(RAW_MAGIC))
+    if c not in (1, 3) or len(data) != start + h * w * c:
+        raise BadImage(f"raw sample of {len(data) - start} pixel bytes, but its header says {h} x {w} x {c}")
+    return np.frombuffer(data, np.uint8, offset=start).reshape(h, w, c)
+
+
 def decode(data: bytes, min_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes -> (uint8 HWC array, original (height, width)); JPEGs may come out scaled down to >= min_side."""
     if not data:
         raise BadImage("zero-byte file")
+    if data.startswith(RAW_MAGIC):
+        arr = decode_raw(data)
+        return arr, arr.shape[:2]
     if data.startswith(_JPEG_MAGIC):
         try:
             return _decode_jpeg(data, min_side)
@@ -149,7 +175,9 @@ def centre_square(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    """uint8 HWC -> jpg (libjpeg-turbo, 4:4:4), png or webp bytes; the same array always gives the same bytes."""
+    """uint8 HWC -> jpg (libjpeg-turbo, 4:4:4), png, webp or raw bytes; the same array gives the same bytes."""
+    if fmt == "raw":
+        return encode_raw(arr)
     if fmt == "jpg":
         colorspace = "GRAY" if arr.shape[2] == 1 else "RGB"
         return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality, colorspace, "444")
@@ -176,10 +204,10 @@ def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
 
 def image_field(sample: dict) -> bytes:
     """The encoded image of a WebDataset sample (its first field named like an image)."""
-    for ext in IMAGE_EXTS:
+    for ext in SAMPLE_FIELDS:
         if ext in sample:
             return sample[ext]
     for name, value in sample.items():  # a key with dots ("a.b.jpg") leaves the rest of it in the field name
-        if not name.startswith("__") and name.rsplit(".", 1)[-1] in IMAGE_EXTS:
+        if not name.startswith("__") and name.rsplit(".", 1)[-1] in SAMPLE_FIELDS:
             return value
-    raise ValueError(f"no image field (one of {', '.join(IMAGE_EXTS)})")
+    raise ValueError(f"no image field (one of {', '.join(SAMPLE_FIELDS)})")

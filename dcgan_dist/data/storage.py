@@ -82,6 +82,8 @@ def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
     """A binary stream over a whole object, read front to back."""
     if url.startswith("pipe:"):
         return PipeStream(url)
+    if not is_remote(url):  # the loader's hot path: a plain buffered file, without fsspec's per-read wrapper
+        return open(url, "rb", buffering=1 << 20)
     fs, path = filesystem(url, timeout)
     if fsspec.utils.get_protocol(url) in ("http", "https"):
         # One streaming GET instead of a HEAD and ranged reads, which not every web server supports; buffered

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 
 
@@ -40,11 +41,13 @@ def members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, by
     long_name = None
     while True:
         header = stream.read(BLOCK)
-        if header == bytes(BLOCK):
+        if header == _ZERO_BLOCK:
             return  # the end-of-archive marker
         if len(header) < BLOCK:
             raise TarError(f"truncated tar header ({len(header)} bytes)")
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        checksum = header[148:156]
+        # The sum counts the checksum field as eight spaces (256).
+        if _octal(checksum) != sum(header) - sum(checksum) + 256:
             raise TarError("tar header checksum mismatch (damaged shard)")
         size = _octal(header[124:136])
         kind = header[156:157]
@@ -52,11 +55,14 @@ def members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, by
             data = b""
             stream.seek(size + -size % BLOCK, 1)
         else:
-            data = stream.read(size)
-            if len(data) < size:
-                raise TarError(f"truncated tar member: {len(data)} of {size} bytes")
-            if len(stream.read(-size % BLOCK)) < -size % BLOCK:
+            padded = size + -size % BLOCK
+            data = stream.read(padded)  # contents and padding in one read: one call less per member
+            if len(data) < padded:
+                if len(data) < size:
+                    raise TarError(f"truncated tar member: {len(data)} of {size} bytes")
                 raise TarError("truncated tar member padding")
+            if padded != size:
+                data = data[:size]
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
         elif kind == b"x":

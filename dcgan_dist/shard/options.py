@@ -15,7 +15,7 @@ class Options:
     """Everything that decides the output bytes, recorded in the manifest (--workers changes no byte)."""
     resolution: int = 64  # output side in pixels: centre crop, then Lanczos resize
     keep_size: bool = False  # keep each image whole, at its own size
-    format: str = "jpg"  # jpg, png or webp
+    format: str = "jpg"  # jpg, png, webp or raw (uint8 pixels with their shape)
     quality: int = 95  # JPEG and WebP quality
     shard_size: int = 1000  # samples per shard: LSUN's 3 M images give 3,000 shards, far more than ranks x workers
     prefix: str = ""  # shard file prefix; empty: the source's name
