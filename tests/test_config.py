@@ -103,8 +103,8 @@ def test_every_key_rejects_a_bad_value_naming_it(key):
         config.load(None, [f"{key}={_bad_value(key)}"])
 
 
-@pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "model.nz=0", "data.num_workers=-1",
-                                      "data.prefetch=0", "log.grid_size=0"])
+# Through the command line, three of the examples (the walk above covers every key through load()).
+@pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "data.num_workers=-1"])
 def test_cli_rejects_bad_values_with_status_2(override, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", override, f"run_dir={tmp_path / 'run'}"],
                        capture_output=True, text=True, timeout=120)
