@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,9 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _wheel(tmp_path: Path) -> Path:
+    # Built from a copy of what the wheel is made of: setuptools leaves build/ and egg-info beside the sources.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("dcgan_dist", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     # Without build isolation when setuptools is at hand (no index needed); else pip fetches the build backend.
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *isolation, "-q", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", *isolation, "-q", "-w",
                     str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     [wheel] = (tmp_path / "dist").glob("dcgan_dist-*.whl")
     return wheel
