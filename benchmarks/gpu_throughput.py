@@ -44,22 +44,33 @@ MODES = {  # name -> perf overrides
 }
 
 
-def photo_shards(outdir: Path, n: int, resolution: int, per_shard: int = 1000) -> Path:
-    """n JPEG crops of scikit-image's real photographs at resolution x resolution, as shards + manifest."""
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+
+
+def photo_crops(n: int, resolution: int, names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
+    """n square crops of scikit-image's real colour photographs, resized to resolution x resolution (Lanczos)."""
     from skimage import data as skd
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    photos = [getattr(skd, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    photos = [getattr(skd, name)() for name in names]
     photos = [p for p in photos if p.ndim == 3]
     rng = np.random.default_rng(0)
-    samples = []
+    crops = []
     for i in range(n):
         p = photos[i % len(photos)]
         side = int(rng.integers(resolution, min(p.shape[:2]) + 1))
         y, x = rng.integers(0, p.shape[0] - side + 1), rng.integers(0, p.shape[1] - side + 1)
         img = Image.fromarray(p[y:y + side, x:x + side, :3]).resize((resolution, resolution), Image.LANCZOS)
+        crops.append(np.asarray(img))
+    return crops
+
+
+def photo_shards(outdir: Path, n: int, resolution: int, per_shard: int = 1000) -> Path:
+    """n JPEG (q95) crops of scikit-image's real photographs at resolution x resolution, as shards + manifest."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, crop in enumerate(photo_crops(n, resolution)):
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=95)
+        Image.fromarray(crop).save(buf, format="JPEG", quality=95)
         samples.append((f"photo-{i:06d}", {"jpg": buf.getvalue()}))
     infos = [writer.write_shard(outdir / writer.shard_name("photos", k // per_shard),
                                    samples[k:k + per_shard]) for k in range(0, n, per_shard)]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from gpu_throughput import photo_crops
 
 from dcgan_dist import config
 from dcgan_dist.data.images import encode
@@ -27,20 +27,6 @@ from dcgan_dist.shard import writer
 
 LSUN_BEDROOMS = 3_033_042
 FORMATS = {"raw": ("raw", 0), "jpeg q95": ("jpg", 95), "png": ("png", 0)}
-
-
-def crops(n: int, size: int = 64) -> list[np.ndarray]:
-    from skimage import data as skd
-
-    photos = [getattr(skd, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")]
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        p = photos[i % len(photos)]
-        side = int(rng.integers(size, min(p.shape[:2]) + 1))
-        y, x = rng.integers(0, p.shape[0] - side + 1), rng.integers(0, p.shape[1] - side + 1)
-        out.append(np.asarray(Image.fromarray(p[y:y + side, x:x + side, :3]).resize((size, size), Image.LANCZOS)))
-    return out
 
 
 def write_set(outdir: Path, images: list[np.ndarray], fmt: str, quality: int, per_shard: int = 1000) -> int:
@@ -71,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    images = crops(args.images)
+    images = photo_crops(args.images, 64, ("astronaut", "coffee", "chelsea", "rocket"))
     rows = {}
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         for name, (fmt, quality) in FORMATS.items():

@@ -42,14 +42,19 @@ def _png(arr) -> bytes:
     return buf.getvalue()
 
 
-def test_webdataset_shardwriter_shards_train_unchanged(tmp_path):
-    """Shards from webdataset's own ShardWriter, no manifest: counted from their headers, then trained on."""
-    x, y = _digits(120)
-    out = tmp_path / "wds"
+def _shardwriter_digits(out, n, per_shard):
+    """n real digits as PNG + cls written by webdataset's own ShardWriter (no manifest)."""
+    x, y = _digits(n)
     out.mkdir()
-    with wds.ShardWriter(str(out / "digits-%06d.tar"), maxcount=50) as sink:
+    with wds.ShardWriter(str(out / "digits-%06d.tar"), maxcount=per_shard) as sink:
         for i, (img, label) in enumerate(zip(x, y)):
             sink.write({"__key__": f"sample{i:05d}", "png": _png(img), "cls": str(int(label)).encode()})
+    return out
+
+
+def test_webdataset_shardwriter_shards_train_unchanged(tmp_path):
+    """Shards from webdataset's own ShardWriter, no manifest: counted from their headers, then trained on."""
+    out = _shardwriter_digits(tmp_path / "wds", 120, per_shard=50)
     assert resolve(str(out)).size == 120
     r = _train(tmp_path / "run", out)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -121,12 +126,7 @@ def test_shards_where_nothing_decodes_stop_with_an_error(tmp_path, workers):
 
 def test_index_then_verify_other_tools_shards(tmp_path):
     """`shard index` gives ShardWriter shards our manifest; `shard verify` finds every planted problem by name."""
-    x, y = _digits(90)
-    out = tmp_path / "wds"
-    out.mkdir()
-    with wds.ShardWriter(str(out / "digits-%06d.tar"), maxcount=30) as sink:
-        for i, (img, label) in enumerate(zip(x, y)):
-            sink.write({"__key__": f"sample{i:05d}", "png": _png(img), "cls": str(int(label)).encode()})
+    out = _shardwriter_digits(tmp_path / "wds", 90, per_shard=30)
 
     def shard_cli(*args):
         return subprocess.run([sys.executable, "-m", "dcgan_dist.shard", *args], capture_output=True, text=True,
