@@ -105,7 +105,7 @@ class PerfConfig:
 
 @dataclass
 class EvalConfig:
-    """Sample quality measured during training (evaluate/during_training.py); docs/evaluate.md has the commands behind it."""
+    """Sample quality measured during training (evaluate/during_training.py); docs/evaluate.md has the commands."""
     metric: Optional[str] = None  # null: off; "fid" (needs inception_weights) or "coverage" (needs `cls` labels)
     every_images: int = 20_000    # evaluate whenever this many more images have been seen, and at the end
     samples: int = 2_000          # generated samples per evaluation (the same latent draws every time)
@@ -139,7 +139,8 @@ RANGES: dict[str, tuple] = {
     "data.io_timeout": ("<", 0, None),
     "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
     "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
-    "train.max_rollbacks": (0, None), "log.keep_every_images": (1, None), "trainer.collective_timeout_s": ("<", 0, None),
+    "train.max_rollbacks": (0, None), "log.keep_every_images": (1, None),
+    "trainer.collective_timeout_s": ("<", 0, None),
     "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
     "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
     "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),

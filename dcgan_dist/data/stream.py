@@ -7,8 +7,8 @@ stream i % num_workers. A resumed run maps its loader workers onto those streams
 and resumed run sees exactly the batches an uninterrupted one would have.
 
 Batches are uint8 (N, H, W, C), as decoders produce them; the transposition and the conversion to floats in
-[-1, 1] happen on the training device (pixels.from_uint8), which keeps loader-to-trainer traffic four times smaller and
-spares the loader workers a copy. NHWC is channels_last: on a GPU that path needs no transposing copy at all.
+[-1, 1] happen on the training device (pixels.from_uint8), which keeps loader-to-trainer traffic four times smaller
+and spares the loader workers a copy. NHWC is channels_last: on a GPU that path needs no transposing copy at all.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class ShardStream(IterableDataset):
         self.start_consumed = start_consumed if start_consumed and len(start_consumed) == self.streams else None
 
     # -- which samples a virtual stream reads in one pass ---------------------------------------------------
-    def _rounds(self, pass_idx: int, stream: int, rng: random.Random) -> Iterator[Iterator[tuple[str, int, int]]]:
-        """Rounds of (url, modulus, remainder) to read: keep sample j of the url when j % modulus == remainder.
+    def _rounds(self, pass_idx: int, stream: int, rng: random.Random
+                ) -> Iterator[Iterator[tuple[str, int, int | None]]]:
+        """Rounds of (url, first, stop) to read: samples first <= j < stop of the url (stop None: to its end).
 
         Resampling is one endless round of shards drawn with replacement. Without it, a slot (rank, stream) owns
         a disjoint share of the pass's shard order (or, with fewer shards than slots, a contiguous range of the
@@ -187,6 +188,11 @@ class ShardStream(IterableDataset):
             yield from self._pass_batches(pass_idx, stream)
 
 
+def dataset_size(shards: ShardSet, cfg: Config) -> int | None:
+    """Images in the data set: data.size when set, else the shards' counts (manifest or tar headers)."""
+    return cfg.data.size or shards.size
+
+
 def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
     """Steps each rank takes per pass: about one epoch of the data set, a multiple of the loader workers."""
     streams = max(1, cfg.data.num_workers)
@@ -205,7 +211,7 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
             raise ValueError(f"data.resample=false: a loader slot holds only {per_slot} samples, fewer than "
                              f"train.batch_size={batch}; use fewer ranks/workers or a smaller batch")
         return per_stream_batches * streams
-    size = cfg.data.size or shards.size
+    size = dataset_size(shards, cfg)
     if size == 0:
         raise ValueError(f"data.shards: the {len(shards.urls)} shards hold no sample that can be read")
     if not size:

@@ -159,8 +159,9 @@ def _claim(out: LocalDir, identity: dict) -> dict | None:
         if raw is None:
             continue
         found = json.loads(raw)
-        print_ = found.get("source_fingerprint")
-        if print_ is not None and found.get("source") == identity["source"] and print_ != identity["fingerprint"]:
+        fingerprint = found.get("source_fingerprint")
+        same_source = found.get("source") == identity["source"]
+        if fingerprint is not None and same_source and fingerprint != identity["fingerprint"]:
             state = "a finished run" if name == MANIFEST else "an unfinished run"
             raise ShardError(f"the source {identity['source']} changed since {state} in {out} read it (its listing "
                              f"of names and sizes differs), so input positions would shift: restore the source, "

@@ -44,7 +44,7 @@ def z_for_step(cfg: Config, step: int, rank: int, n: int, device: torch.device, 
 def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None) -> dict:
     """Run the training loop to cfg.train.images; return the last logged metrics (on every rank)."""
     ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s)
-    in_a_row, progress = 0, {"checkpoints": 0}
+    in_a_row, progress = 0, {}  # progress["since_rollback"]: a checkpoint was written since the last rollback
     try:
         with StopRequest() as stop:
             while True:

@@ -103,12 +103,10 @@ def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Preci
         return Precision(None, device.type)
     if amp == "bf16":
         return Precision(torch.bfloat16, device.type, cache=not cuda_graph)
-    if cuda_graph:
-        raise ValueError("perf.cuda_graph=true works with perf.amp fp32 or bf16, not fp16 (its scaler syncs)")
-    if amp == "fp16":
+    if amp == "fp16":  # resolve() has refused fp16 under the whole-step graph (its scaler syncs)
         return Precision(torch.float16, device.type, torch.amp.GradScaler(device.type),
                          torch.amp.GradScaler(device.type))
-    raise ValueError(f"perf.amp: {amp!r} is not auto, fp32, bf16 or fp16")
+    raise ValueError(f"perf.amp: {amp!r} is not a resolved setting (fp32, bf16 or fp16)")
 
 
 def adam(params, lr: float, betas: tuple[float, float], fused: bool, capturable: bool = False) -> torch.optim.Adam:

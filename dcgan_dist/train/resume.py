@@ -23,7 +23,7 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config
 from ..data.shardset import ShardSet
-from ..data.stream import steps_per_pass
+from ..data.stream import dataset_size, steps_per_pass
 from ..distributed import context as dist
 from ..distributed.context import Context
 from .nets import Nets
@@ -113,8 +113,7 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
         start.consumed = list(consumed[ctx.rank]) if ctx.rank < len(consumed) and consumed[ctx.rank] else None
     else:
         spp = steps_per_pass(shards, cfg, ctx.world_size)
-        size = cfg.data.size or shards.size
-        first_pass = math.ceil(start.images / size)
+        first_pass = math.ceil(start.images / dataset_size(shards, cfg))
         start.data_step = first_pass * spp
         totals = [sum(s[0] for s in skipped), sum(s[1] for s in skipped)]
         start.skipped = totals if ctx.is_main else [0, 0]  # the run's totals stay whole, on rank 0
@@ -128,6 +127,8 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
 @torch.no_grad()
 def _check_same_weights(nets: Nets, ctx: Context) -> None:
     """Every rank must now hold the same G and D: compare a checksum of all parameters across ranks."""
+    if ctx.world_size == 1:
+        return
     total = torch.stack([p.double().sum() for m in (nets.G, nets.D) for p in m.parameters()]).sum().view(1)
     sums = dist.all_gather_stacked(total.to(ctx.device)).flatten().tolist()
     differ = [r for r, s in enumerate(sums) if s != sums[0]]
