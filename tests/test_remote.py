@@ -9,6 +9,8 @@ import http.server
 import itertools
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -283,3 +285,22 @@ def test_shard_tool_writes_to_s3_and_a_rerun_skips_uploaded_shards(s3_bucket, sm
     remote = read_manifest(dest + MANIFEST)
     assert remote["shards"] == read_manifest(tmp_path / "local" / MANIFEST)["shards"]
     assert resolve(dest).size == 30 and not fs.exists("shards/from-tool/.progress")
+
+
+def test_index_and_verify_a_bucket_prefix_as_the_docs_write_them(s3_bucket, small_shards):
+    """README: `python -m dcgan_dist.shard index s3://bucket/prefix/` for shards without a manifest, then
+    `... verify` and docs/object_storage.md's start-up check, each as typed (the endpoint from the environment)."""
+    fs, _ = storage.filesystem("s3://shards/")
+    fs.put([str(p) for p in sorted(small_shards.glob("*.tar"))], "shards/bare/")  # other tools' shards: no manifest
+    bare = "s3://shards/bare/"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+    r = cli("-m", "dcgan_dist.shard", "index", bare)
+    assert r.returncode == 0 and f"{N_SHARDS * PER_SHARD} samples in {N_SHARDS} shards" in r.stdout, r.stderr
+    assert resolve(bare).counts == [PER_SHARD] * N_SHARDS
+    assert cli("-m", "dcgan_dist.shard", "verify", bare).returncode == 0
+    check = cli("-c", "from dcgan_dist.data.shardset import resolve; "
+                      f"s = resolve('{bare}'); print(len(s.urls), s.size)")
+    assert check.returncode == 0 and check.stdout.split() == [str(N_SHARDS), str(N_SHARDS * PER_SHARD)]
