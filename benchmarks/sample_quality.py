@@ -2,10 +2,12 @@
 
     python benchmarks/sample_quality.py CHECKPOINT [CHECKPOINT ...] [--n 1000]
 
-Prints the classifier's held-out accuracy on real digits (its credibility as a judge), then for the generator:
+Prints the classifier's held-out accuracy on real digits (its credibility as a judge), then for each generator:
 the share of samples per digit class (target: every class between 4% and 16%), the entropy of those shares and
 the mean top-class probability (target: at least 0.8). A random-weights generator is scored in the same run as
-the baseline. Several checkpoints share one judge.
+the baseline. Several checkpoints share one judge. A checkpoint with a G_ema gives three rows: G, and G_ema with
+each batchnorm choice of train.ema_bn (G's running statistics copied, or standing statistics recomputed), so one
+run measures the choice.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 
 import torch
 
-from dcgan_dist import models
+from dcgan_dist import checkpoint, models
 from dcgan_dist.checkpoint import load_networks
+from dcgan_dist.config import from_dict
 from dcgan_dist.data.load import load_labelled
 from dcgan_dist.evaluate import classifier
 from dcgan_dist.shard.run import builtin_shards
+from dcgan_dist.train.ema import for_sampling
 
 
 def main() -> None:
@@ -46,8 +50,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows = {"random-init G (baseline)": models.generate(models.build(cfg.model)[0].eval(), cfg.model, args.n, seed=1)}
     for path in args.checkpoints:
-        nets = load_networks(path)
-        rows[path] = models.generate(nets.G, nets.cfg.model, args.n, seed=1)
+        for name, g, model in generators(path):
+            rows[f"{path} {name}"] = models.generate(g, model, args.n, seed=1)
     results = {name: classifier.coverage(classifier.predict_proba(judge, s)) for name, s in rows.items()}
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads")
@@ -64,6 +68,24 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"judge_accuracy": acc, **results}, f, indent=1)
+
+
+def generators(path: str):
+    """(name, G in eval mode, model config) for G and, if the checkpoint has one, G_ema under each BN choice."""
+    state = checkpoint.load(checkpoint.latest(path) if checkpoint.latest(path) else path)
+    cfg = from_dict(state["config"])
+    g = models.Generator(cfg.model)
+    g.load_state_dict(state["G"])
+    yield "G", g.eval(), cfg.model
+    if "G_ema" not in state:
+        return
+    ema = models.Generator(cfg.model)
+    ema.load_state_dict(state["G_ema"])
+    buffers = {k: v for k, v in state["G"].items() if "running" in k or "num_batches" in k}
+    ema.load_state_dict({**state["G_ema"], **buffers})  # G's running statistics: train.ema_bn=copy
+    yield "G_ema (BN copied from G)", ema.eval(), cfg.model
+    cfg.train.ema_bn = "recompute"
+    yield "G_ema (standing BN statistics)", for_sampling(ema, cfg), cfg.model
 
 
 if __name__ == "__main__":

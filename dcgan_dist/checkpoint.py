@@ -102,14 +102,20 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+GENERATORS = ("ema", "raw")  # what --generator picks: G_ema (the default wherever users sample) or the raw G
+
+
 @dataclass
 class Networks:
-    """A checkpoint's G and D, built from the config it was trained with, in eval mode on device."""
+    """A checkpoint's generator (G_ema or G, as asked) and D, built from the config it was trained with, in eval
+    mode on device."""
     path: Path
     cfg: Config
     images: int
     G: models.Generator
     D: models.Discriminator
+    generator: str = "G"      # which one G holds: "G_ema" or "G"
+    note: str | None = None   # why it is not the one asked for
 
     @property
     def device(self) -> torch.device:
@@ -120,8 +126,13 @@ class Networks:
         return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
 
 
-def load_networks(path: str | Path, device: str | torch.device = "cpu") -> Networks:
-    """A checkpoint file, or a run directory's newest checkpoint, as G and D in eval mode (running statistics)."""
+def load_networks(path: str | Path, device: str | torch.device = "cpu", generator: str = "ema") -> Networks:
+    """A checkpoint file, or a run directory's newest checkpoint, as G and D in eval mode (running statistics).
+
+    generator "ema" gives G_ema (with the batchnorm statistics its run chose, train.ema_bn) when the checkpoint
+    holds one, else G with a note saying so; "raw" gives G."""
+    if generator not in GENERATORS:
+        raise ValueError(f"generator {generator!r} is not one of {', '.join(GENERATORS)}")
     path = Path(path)
     if path.is_dir():
         found = latest(path)
@@ -131,6 +142,14 @@ def load_networks(path: str | Path, device: str | torch.device = "cpu") -> Netwo
     state = load(path)
     cfg = from_dict(state["config"])
     G, D = models.Generator(cfg.model), models.Discriminator(cfg.model)
-    G.load_state_dict(state["G"])
+    used, note = "G", None
+    if generator == "ema" and "G_ema" in state:
+        G.load_state_dict(state["G_ema"])
+        used = "G_ema"
+    else:
+        G.load_state_dict(state["G"])
+        if generator == "ema":
+            note = (f"{path} holds no G_ema (trained with train.ema_images=0, or before G_ema existed): "
+                    f"sampling from G")
     D.load_state_dict(state["D"])
-    return Networks(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval())
+    return Networks(path, cfg, int(state["images"]), G.to(device).eval(), D.to(device).eval(), used, note)

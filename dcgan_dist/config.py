@@ -67,6 +67,11 @@ class TrainConfig:
     on_nonfinite: str = "rollback"  # a NaN/Inf loss or weight: "rollback" to the newest checkpoint with new
                                     # latent draws (up to max_rollbacks times), or "stop"
     max_rollbacks: int = 3        # rollbacks in a row (without a finite checkpoint in between) before stopping
+    ema_images: Optional[int] = None  # G_ema's half-life in images (train/ema.py); null: StyleGAN2-ADA's default,
+                                      # global batch x 10/32 thousand; 0: no G_ema, samples come from G
+    ema_rampup: Optional[float] = 0.05  # early on the half-life is at most this x images seen; null: no ramp-up
+    ema_bn: str = "recompute"     # G_ema's batchnorm statistics: "recompute" standing statistics from its own
+                                  # samples before every use, or "copy" G's running statistics (docs/evaluate.md)
 
 
 @dataclass
@@ -114,6 +119,9 @@ class EvalConfig:
     inception_weights: Optional[str] = None  # Inception-v3 FID weights file on disk; nothing is downloaded
     inception_dims: int = 2048    # Inception pool features: 2048 (the standard FID), 768, 192 or 64
     keep_best: bool = True        # write checkpoints/best.pt whenever the score improves
+    generator: str = "ema"        # the G scored and kept in best.pt: "ema" (G_ema, if train.ema_images > 0), "raw"
+    reference_cache: str = "auto"  # the real set's FID features, cached: auto (~/.cache/dcgan_dist/fid_reference),
+                                   # off, or a folder (evaluate/reference.py keys it by the whole protocol)
 
 
 @dataclass
@@ -139,7 +147,8 @@ RANGES: dict[str, tuple] = {
     "data.io_timeout": ("<", 0, None),
     "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
     "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
-    "train.max_rollbacks": (0, None), "log.keep_every_images": (1, None),
+    "train.max_rollbacks": (0, None), "train.ema_images": (0, None), "train.ema_rampup": ("<", 0, None),
+    "log.keep_every_images": (1, None),
     "trainer.collective_timeout_s": ("<", 0, None),
     "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
     "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
@@ -150,7 +159,8 @@ RANGES: dict[str, tuple] = {
 CHOICES: dict[str, tuple] = {
     "model.resolution": (32, 64, 128), "model.channels": (1, 3), "model.kernel": (4, 5),
     "model.z_prior": ("normal", "uniform"), "train.device": ("auto", "cpu", "cuda"),
-    "train.on_nonfinite": ("rollback", "stop"),
+    "train.on_nonfinite": ("rollback", "stop"), "train.ema_bn": ("recompute", "copy"),
+    "eval.generator": ("ema", "raw"),
     "perf.amp": ("auto", "fp32", "bf16", "fp16"),
     "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
     "eval.metric": (None, "fid", "coverage"),

@@ -9,6 +9,7 @@ vector. D returns the logit; the sigmoid lives in the loss (BCE-with-logits is t
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Iterator
@@ -132,3 +133,28 @@ def decode(g: nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor
 def generate(g: nn.Module, cfg: ModelConfig, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
     """n samples in [-1, 1] on the CPU, from latent draws fixed by seed."""
     return decode(g, sample_z(n, cfg, generator=torch.Generator().manual_seed(seed)), batch_size)
+
+
+@torch.no_grad()
+def standing_statistics(g: nn.Module, cfg: ModelConfig, batches: int = 32, batch_size: int = 64,
+                        seed: int = 0) -> nn.Module:
+    """A copy of g in eval mode whose batchnorm running statistics are recomputed from its own samples.
+
+    An average of weights (G_ema) has no running statistics of its own: G's belong to G's weights. "Standing
+    statistics" (BigGAN, StudioGAN) are the cumulative average of batch statistics over `batches` generated
+    batches of the training batch size, from latent draws fixed by seed: a pure function of g's weights.
+    """
+    g = copy.deepcopy(g)
+    norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    g.train()
+    device = next(g.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        g(sample_z(batch_size, cfg, generator=gen).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return g.eval()

@@ -6,6 +6,7 @@ import copy
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -39,14 +40,17 @@ def _train(cfg, ctx: dist.Context, dtype) -> dict:
     """STEPS steps built as train() builds them (SyncBN conversion, DDP options) on this rank's rows of each batch;
     the final G and D states and the initial ones."""
     nets = build_nets(cfg, ctx)
-    for net in (nets.G, nets.D):
-        net.to(dtype)  # in place: the optimizers keep their parameters
+    for net in (nets.G, nets.D, nets.ema.module):
+        net.to(dtype)  # in place: the optimizers (and G_ema's update) keep their parameters
+    nets.ema.weight = nets.ema.weight.to(dtype)
     initial = {"G": copy.deepcopy(nets.G.state_dict()), "D": copy.deepcopy(nets.D.state_dict())}
     step = make_step(nets, cfg, ctx)
     rows = slice(ctx.rank * PER_RANK, (ctx.rank + 1) * PER_RANK) if ctx.distributed else slice(None)
-    for real, z in zip(*_inputs(cfg, dtype)):
+    for i, (real, z) in enumerate(zip(*_inputs(cfg, dtype))):
+        nets.ema.prepare(i * 2 * PER_RANK)  # as the loop does: images seen before the step
         step(real[rows], z[rows])
-    return {"G": base_module(nets.G).state_dict(), "D": base_module(nets.D).state_dict(), "initial": initial}
+    return {"G": base_module(nets.G).state_dict(), "D": base_module(nets.D).state_dict(),
+            "G_ema": nets.ema.module.state_dict(), "initial": initial}
 
 
 def _ddp_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
@@ -58,18 +62,28 @@ def _ddp_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
 def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
     """The whole distributed step (SyncBN statistics, D run twice, DDP averaging, Adam) against plain batch 2b."""
     tiny_cfg.trainer.sync_bn = True
+    tiny_cfg.train.ema_images = 16  # a short half-life: G_ema moves visibly in three steps
     ranks = run_ranks(_ddp_rank, 2, config.to_dict(tiny_cfg))
     single = dist.Context(0, 1, 0, torch.device("cpu"))
     for dtype, tol in TOLERANCE.items():
         ref = _train(tiny_cfg, single, dtype)
         moved = 0.0
-        for name in ("G", "D"):
+        for name in ("G", "D", "G_ema"):
             for key, want in ref[name].items():
+                # G_ema sums the rounding of every step's G (2e-10 measured in float64): ten times the margin.
+                limit = tol * 10 if name == "G_ema" else tol
                 for rank, r in enumerate(ranks):
                     err = (r[dtype][name][key].double() - want.double()).abs().max().item()
-                    assert err <= tol, f"{dtype} rank {rank} {name}.{key}: max abs diff {err:.2e} > {tol}"
-                moved = max(moved, (want.double() - ref["initial"][name][key].double()).abs().max().item())
+                    assert err <= limit, f"{dtype} rank {rank} {name}.{key}: max abs diff {err:.2e} > {limit}"
+                if name != "G_ema":
+                    moved = max(moved, (want.double() - ref["initial"][name][key].double()).abs().max().item())
         assert moved > 1e-4  # the weights did move: this is not the equality of two untouched models
+        # G_ema is identical on every rank, with no collective of its own: every rank averages the same G.
+        for key, value in ranks[0][dtype]["G_ema"].items():
+            assert torch.equal(value, ranks[1][dtype]["G_ema"][key]), f"G_ema.{key} differs between ranks"
+        g_ema_moved = max((ref["G_ema"][k].double() - ref["initial"]["G"][k].double()).abs().max().item()
+                          for k in ref["G_ema"] if "running" not in k and "num_batches" not in k)
+        assert g_ema_moved > 1e-5
 
 
 def _id_image(i: int) -> bytes:
@@ -142,3 +156,35 @@ def test_a_missing_rank_is_named_not_waited_for_forever():
     said, late = run_ranks(_late_rank, 2, timeout=60)
     assert late == "late"
     assert "waited 2 s (trainer.collective_timeout_s)" in said and "1" in said.split("barrier:")[1]
+
+
+def _eval_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    """The in-training coverage evaluation on this rank, as the loop calls it; rank 0's scores."""
+    from dcgan_dist.evaluate import during_training
+    from dcgan_dist.train.runlog import RunLog
+
+    cfg = config.from_dict(cfg_dict)
+    ctx = dist.init("cpu") if world_size > 1 else dist.Context(0, 1, 0, torch.device("cpu"))
+    torch.manual_seed(3)
+    g, d = models.build(cfg.model)
+    evaluator = during_training.build(cfg, ctx)
+    log = RunLog(cfg.run_dir, cfg, 320, 0) if ctx.is_main else None
+    try:
+        return evaluator(g, None, d, 160, log)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def test_evaluation_during_training_is_shared_by_the_ranks_and_scores_the_same(tiny_cfg, tmp_path):
+    """Each rank classifies its half of the samples (the judge fit once, on rank 0, and sent): the same scores."""
+    for key, value in (("eval.metric", "coverage"), ("eval.samples", 64), ("eval.real_samples", 500)):
+        section, name = key.split(".")
+        setattr(getattr(tiny_cfg, section), name, value)
+    tiny_cfg.run_dir = str(tmp_path / "one")
+    single = _eval_rank(0, 1, config.to_dict(tiny_cfg))
+    tiny_cfg.run_dir = str(tmp_path / "two")
+    shared, other = run_ranks(_eval_rank, 2, config.to_dict(tiny_cfg), timeout=180)
+    assert other == {}  # rank 1 embedded its share and reported nothing
+    assert shared["eval/coverage"] == pytest.approx(single["eval/coverage"], rel=1e-6)
+    assert shared["eval/coverage_judge_accuracy"] == single["eval/coverage_judge_accuracy"]

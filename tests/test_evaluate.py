@@ -139,6 +139,58 @@ def test_fid_and_kid_end_to_end_with_a_random_inception(trained_run, mnist_shard
     assert torch.isfinite(torch.tensor(kid["kid"]))
 
 
+def test_fid_states_its_protocol_and_caches_the_reference_under_it(trained_run, mnist_shards, random_inception,
+                                                                     tmp_path, capsys):
+    cache = tmp_path / "cache"
+    common = [str(trained_run), "--shards", str(mnist_shards), "--inception-weights", str(random_inception),
+              "--n", "12", "--dims", "64", "--reference-cache", str(cache)]
+    first = main(["fid", *common, "--real-limit", "16", "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    again = main(["fid", *common, "--real-limit", "16", "--out", str(tmp_path / "b")])
+    assert not first["protocol"]["cached"] and again["protocol"]["cached"] and "[cached reference]" in \
+        capsys.readouterr().out
+    assert again["fid"] == first["fid"] and again["n_real"] == 16 and len(list(cache.iterdir())) == 1
+    real = first["protocol"]["real"]
+    assert real["format"] == "png" and real["images"] == 16 and real["quality"] is None  # the builtin set: PNG
+    assert first["generator"] == first["protocol"]["generated"]["generator"] == "G_ema"
+    for fact in ("protocol:", f"fingerprint {real['fingerprint']}", "png", "from G_ema", "quantised to uint8",
+                 "sha256", "bilinear"):
+        assert fact in printed, fact
+    other = main(["fid", *common, "--real-limit", "20", "--out", str(tmp_path / "c")])  # another protocol
+    assert not other["protocol"]["cached"] and len(list(cache.iterdir())) == 2
+    raw = main(["fid", *common, "--real-limit", "16", "--generator", "raw", "--out", str(tmp_path / "d")])
+    assert raw["generator"] == "G" and raw["protocol"]["cached"] and raw["fid"] != first["fid"]
+
+
+def test_precision_recall_command(trained_run, mnist_shards, random_inception, tmp_path):
+    record = main(["pr", str(trained_run), "--shards", str(mnist_shards), "--inception-weights",
+                   str(random_inception), "--n", "12", "--real-limit", "16", "--dims", "64",
+                   "--reference-cache", "off", "--out", str(tmp_path)])
+    assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1 and record["k"] == 3
+    assert json.loads((tmp_path / "pr.json").read_text())["scalars"]["precision"] == record["precision"]
+
+
+def test_fid_under_torchrun_shares_the_work_and_gives_the_same_score(trained_run, mnist_shards, random_inception,
+                                                                      tmp_path):
+    """docs/evaluate.md's torchrun form: each of 2 ranks embeds half of the samples and of the reference."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["fid", str(trained_run), "--inception-weights", str(random_inception), "--shards", str(mnist_shards),
+            "--num-samples", "12", "--real-limit", "16", "--dims", "64", "--device", "cpu", "--reference-cache", "off"]
+    single = main([*args, "--out", str(tmp_path / "one")])
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "dcgan_dist.evaluate", *args, "--out",
+                        str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = _json(tmp_path / "two", "fid")
+    assert two["ranks"] == 2 and two["n_generated"] == 12 and two["n_real"] == 16
+    assert two["fid"] == pytest.approx(single["fid"], rel=1e-4)
+    assert r.stdout.count("protocol:") == 1  # rank 0 reports
+
+
 def test_standard_2048_pool_features_from_the_weights_file(random_inception):
     from dcgan_dist.evaluate import fid
 
@@ -190,6 +242,7 @@ def test_training_scores_coverage_and_keeps_the_best_checkpoint(mnist_shards, tm
     best = checkpoint.load(run / "checkpoints" / "best.pt")
     best_step, best_score = max(scores, key=lambda s: s[1])
     assert best["eval"]["metric"] == "coverage" and best["images"] == best_step
+    assert best["eval"]["generator"] == "G_ema" and "G_ema" in best  # best.pt tracks the EMA's score
     assert best["eval"]["score"] == pytest.approx(best_score, rel=1e-5)
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000000160.pt", "ckpt-000000000320.pt"]
     record = main(["interpolate", str(run / "checkpoints" / "best.pt"), "--rows", "1", "--frames", "2",

@@ -139,3 +139,35 @@ def test_coverage_score_is_one_only_for_even_confident_predictions():
     assert classifier.coverage(collapsed)["score"] == 0
     unsure = torch.full((20, 4), 0.25)
     assert classifier.coverage(unsure)["score"] <= 0.25
+
+
+# -- precision and recall (Kynkäänniemi et al. 2019) ---------------------------------------------------------
+
+def test_precision_recall_by_hand_and_its_limits():
+    from dcgan_dist.evaluate.precision_recall import precision_recall, radii
+
+    real = torch.tensor([[0.0, 0], [1, 0], [0, 1], [1, 1], [10, 10]])
+    # k = 3: the four corners of the unit square reach their diagonal neighbour (sqrt 2); the outlier (10, 10)
+    # reaches the third nearest corner, sqrt(81 + 100).
+    assert torch.allclose(radii(real.double(), 3), torch.tensor([2 ** .5] * 4 + [181 ** .5], dtype=torch.float64))
+    fake = torch.tensor([[0.5, 0.5], [3, 3], [30, 30], [-2, -2]])
+    # (0.5, 0.5) lies in a corner's ball, (3, 3) in the outlier's (9.9 <= 13.45); (30, 30) and (-2, -2) in none.
+    # Every real point lies in some generated ball (theirs are 38 to 45 wide): recall 1.
+    assert precision_recall(real, fake, 3) == (0.5, 1.0)
+    assert precision_recall(fake, real, 3) == (1.0, 0.5)  # the roles swap
+    points = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(points, points.clone()) == (1.0, 1.0)  # identical sets
+    assert precision_recall(points, points + 100) == (0.0, 0.0)  # disjoint sets
+    with pytest.raises(ValueError, match="more than 3 points"):
+        precision_recall(points[:3], points[:10])
+
+
+def test_real_pixels_survive_the_float_round_trip_that_generated_ones_end_with():
+    """FID's quantisation: reals go uint8 -> [-1, 1] -> uint8 unchanged, so both sides reach Inception as the same
+    kind of uint8 image."""
+    from dcgan_dist.evaluate.fid import to_uint8_rgb
+    from dcgan_dist.pixels import from_uint8
+
+    values = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1)
+    back = to_uint8_rgb(from_uint8(values))
+    assert back.shape == (1, 3, 16, 16) and torch.equal(back[0, 0], values[0, :, :, 0])

@@ -101,7 +101,7 @@ def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(killed))
     assert a["images"] == b["images"] == 1600
-    for net in ("G", "D"):
+    for net in ("G", "D", "G_ema"):  # G_ema's average and its standing statistics too
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
     for k, v in a["opt_G"]["state"].items():

@@ -43,6 +43,11 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def launched() -> bool:
+    """Whether a distributed launcher (torchrun, Ray Train) started this process."""
+    return "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init(device: str = "auto", timeout_s: float = 1800) -> Context:
     """Join the process group that the launcher describes (none in a plain local run) and pick the device.
 
@@ -52,9 +57,8 @@ def init(device: str = "auto", timeout_s: float = 1800) -> Context:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
-    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun or Ray Train
     owns = False
-    if (world_size > 1 or launched) and not torch_dist.is_initialized():
+    if (world_size > 1 or launched()) and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                       timeout=timedelta(seconds=timeout_s))
         owns = True
@@ -78,6 +82,13 @@ def broadcast_object(obj, src: int = 0):
 
 def _active() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if not _active():
+        return 0, 1
+    return torch_dist.get_rank(), torch_dist.get_world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """Evaluate a checkpoint: `python -m dcgan_dist.evaluate COMMAND CHECKPOINT [options]` (docs/evaluate.md).
 
-Commands: interpolate, arithmetic, features, nearest, coverage, fid, kid. Each writes PNG grids and COMMAND.json
-into --out (default RUN_DIR/eval/CHECKPOINT_NAME/) and, with --tensorboard, logs its headline numbers and grids
-to the run's TensorBoard under eval/COMMAND/ at the checkpoint's image count.
+Commands: interpolate, arithmetic, features, nearest, coverage, fid, kid, pr. Each writes PNG grids and
+COMMAND.json into --out (default RUN_DIR/eval/CHECKPOINT_NAME/) and, with --tensorboard, logs its headline numbers
+and grids to the run's TensorBoard under eval/COMMAND/ at the checkpoint's image count. Samples come from G_ema
+(the moving average of G) when the checkpoint holds one; --generator raw picks G. Under torchrun
+(`torchrun --nproc_per_node N -m dcgan_dist.evaluate fid ...`) each rank generates and embeds its share of the
+samples for fid, kid and pr, and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_networks
+from ..checkpoint import GENERATORS, load_networks
+from ..distributed import context as dist
 from . import features, fid
 from .commands import (Report, cmd_arithmetic, cmd_coverage, cmd_features, cmd_fid, cmd_interpolate, cmd_kid,
-                       cmd_nearest)
+                       cmd_nearest, cmd_pr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
     common.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tb under eval/COMMAND/")
+    common.add_argument("--generator", choices=GENERATORS, default="ema",
+                        help="ema: G_ema, the moving average of G (default; G if the checkpoint has none); raw: G")
 
     def shards(p, what):
         p.add_argument("--shards", default=None, help=f"{what} (default: the checkpoint's data.shards)")
@@ -69,30 +75,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8, help="classifier training epochs")
     p.add_argument("--limit", type=int, default=None, help="read at most this many labelled images")
 
-    for name, fn in (("fid", cmd_fid), ("kid", cmd_kid)):
+    for name, fn in (("fid", cmd_fid), ("kid", cmd_kid), ("pr", cmd_pr)):
         p = sub.add_parser(name, parents=[common], help=fn.__doc__)
         shards(p, "real images to compare with")
         p.add_argument("--inception-weights", default=None,
                        help="pt_inception-2015-12-05 / weights-inception-2015-12-05 file (see docs/evaluate.md)")
-        p.add_argument("--n", type=int, default=10000, help="generated samples")
+        # --num-samples: torchrun's own parser takes a bare --n for an abbreviation of its options and fails.
+        p.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="generated samples")
         p.add_argument("--real-limit", type=int, default=None, help="read at most this many real images")
         p.add_argument("--dims", type=int, default=2048, choices=fid.DIMS, help="Inception pool features")
+        p.add_argument("--reference-cache", default="auto",
+                       help="where the real set's features are cached, keyed by the whole protocol: auto "
+                            "(~/.cache/dcgan_dist/fid_reference), off, or a folder")
         if name == "kid":
             p.add_argument("--subsets", type=int, default=100, help="random subsets averaged")
             p.add_argument("--subset-size", type=int, default=1000, help="samples per subset")
+        if name == "pr":
+            p.add_argument("--k", type=int, default=3, help="nearest neighbours that set each point's radius")
     return parser
 
 
 COMMANDS = {"interpolate": cmd_interpolate, "arithmetic": cmd_arithmetic, "features": cmd_features,
-            "nearest": cmd_nearest, "coverage": cmd_coverage, "fid": cmd_fid, "kid": cmd_kid}
+            "nearest": cmd_nearest, "coverage": cmd_coverage, "fid": cmd_fid, "kid": cmd_kid, "pr": cmd_pr}
+SHARDED = ("fid", "kid", "pr")  # the commands that split their samples over torchrun's ranks
 
 
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    ctx = None
+    if args.command in SHARDED and dist.launched():  # torchrun: each rank on its own device
+        ctx = dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     try:
-        subject = load_networks(args.checkpoint, args.device)
+        subject = load_networks(args.checkpoint, ctx.device if ctx else args.device, args.generator)
+        if subject.note and (ctx is None or ctx.is_main):
+            print(f"note: {subject.note}", file=sys.stderr)
         out = Path(args.out) if args.out else subject.run_dir / "eval" / subject.path.stem
-        return COMMANDS[args.command](args, subject, Report(args.command, subject, out, args.tensorboard))
+        report = Report(args.command, subject, out, args.tensorboard, main=ctx is None or ctx.is_main)
+        return COMMANDS[args.command](args, subject, report)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        if ctx is not None:
+            dist.shutdown(ctx)

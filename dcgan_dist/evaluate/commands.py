@@ -1,6 +1,6 @@
 """The evaluation commands (cli.py parses their options): each takes (args, networks, report).
 
-interpolate, arithmetic, features, nearest, coverage, fid, kid. Each writes PNG grids and COMMAND.json
+interpolate, arithmetic, features, nearest, coverage, fid, kid, pr. Each writes PNG grids and COMMAND.json
 into --out (default RUN_DIR/eval/CHECKPOINT_NAME/) and, with --tensorboard, logs its headline numbers and grids
 to the run's TensorBoard under eval/COMMAND/ at the checkpoint's image count.
 """
@@ -19,22 +19,25 @@ from PIL import Image
 from .. import grids, models
 from ..checkpoint import Networks as Subject
 from ..data.load import load_images, load_labelled
+from ..distributed import context as dist
 from ..models import decode, generate
-from . import classifier, features, fid, latent
+from . import classifier, features, fid, latent, precision_recall, reference, sharded
 
 
 class Report:
     """A command's outputs: PNGs and COMMAND.json in out_dir; optionally TensorBoard in the run directory."""
 
-    def __init__(self, command: str, subject: Subject, out_dir: Path, tensorboard: bool):
-        self.command, self.subject, self.out_dir = command, subject, out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, command: str, subject: Subject, out_dir: Path, tensorboard: bool, main: bool = True):
+        self.command, self.subject, self.out_dir, self.main = command, subject, out_dir, main
         self.writer = None
+        self.files: list[str] = []
+        if not main:  # another rank of a sharded command: rank 0 reports
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(subject.run_dir / "tb"))
-        self.files: list[str] = []
 
     def picture(self, name: str, image: Image.Image) -> None:
         path = self.out_dir / f"{self.command}-{name}.png"
@@ -44,10 +47,18 @@ class Report:
             self.writer.add_image(f"eval/{self.command}/{name}", np.asarray(image.convert("RGB")),
                                   self.subject.images, dataformats="HWC")
 
+    def say(self, text: str) -> None:
+        """A line on the terminal, once (from rank 0 under torchrun)."""
+        if self.main:
+            print(text)
+
     def finish(self, results: dict, scalars: dict[str, float]) -> dict:
         """Write the JSON (results plus what was evaluated) and log the headline scalars; return the JSON."""
         record = {"command": self.command, "checkpoint": str(self.subject.path),
-                  "checkpoint_images": self.subject.images, **results, "scalars": scalars, "files": self.files}
+                  "checkpoint_images": self.subject.images, "generator": self.subject.generator, **results,
+                  "scalars": scalars, "files": self.files}
+        if not self.main:
+            return record
         path = self.out_dir / f"{self.command}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         if self.writer is not None:
@@ -199,15 +210,27 @@ def cmd_coverage(args, s: Subject, rep: Report) -> dict:
 
 
 def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Inception pool features of real shard images and of generated samples (shared by fid and kid)."""
+    """Inception pool features of real shard images (cached, reference.py) and of generated samples, each rank
+    under torchrun embedding its share (shared by fid, kid and pr); the protocol, printed on rank 0."""
     cfg = s.cfg
     net = fid.load_inception(args.inception_weights, args.dims, s.device)  # first: a missing file fails fast
     shards = args.shards or cfg.data.shards
-    real = load_images(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
-    fake = generate(s.G, cfg.model, args.n, seed=args.seed, batch_size=args.batch_size)
-    info = {"n_generated": len(fake), "n_real": len(real), "shards": shards, "dims": args.dims,
-            "inception_weights": str(args.inception_weights), "seed": args.seed}
-    return fid.inception_features(net, real), fid.inception_features(net, fake), info
+    rank, world = dist.rank_and_world()
+    real = reference.real_protocol(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
+    inception = reference.inception_protocol(args.inception_weights, args.dims)
+    real_f, cached = reference.real_features(net, real, inception, reference.cache_dir(args.reference_cache),
+                                             rank, world, s.device)
+    z = models.sample_z(args.n, cfg.model, generator=torch.Generator().manual_seed(args.seed))
+    fake_f = sharded.embed(z, lambda part: fid.inception_features(net, decode(s.G, part, args.batch_size)),
+                           rank, world, s.device)
+    generated = {"images": args.n, "generator": s.generator, "seed": args.seed}
+    protocol = {"real": real, "inception": inception, "generated": generated, "cached": cached}
+    if rank == 0:
+        print(reference.describe(protocol), flush=True)
+    info = {"n_generated": len(fake_f), "n_real": len(real_f), "shards": shards, "dims": args.dims,
+            "inception_weights": str(args.inception_weights), "seed": args.seed, "ranks": world,
+            "protocol": protocol}
+    return real_f, fake_f, info
 
 
 def cmd_fid(args, s: Subject, rep: Report) -> dict:
@@ -217,8 +240,8 @@ def cmd_fid(args, s: Subject, rep: Report) -> dict:
     if min(len(real_f), len(fake_f)) <= args.dims:
         info["note"] = (f"fewer samples than feature dims ({args.dims}): the covariances are singular and the "
                         f"score is biased upwards; compare only scores with the same sample counts")
-        print(f"  note: {info['note']}")
-    print(f"  FID {value:.3f} on {info['n_generated']} generated and {info['n_real']} real images")
+        rep.say(f"  note: {info['note']}")
+    rep.say(f"  FID {value:.3f} on {info['n_generated']} generated and {info['n_real']} real images")
     return rep.finish({"fid": value, **info}, {"fid": value, "n_generated": info["n_generated"]})
 
 
@@ -226,7 +249,17 @@ def cmd_kid(args, s: Subject, rep: Report) -> dict:
     """Kernel Inception distance (mean and std over random subsets) between samples and the shard set."""
     real_f, fake_f, info = _inception_features(args, s)
     mean, std, m = fid.kernel_distance(real_f, fake_f, args.subsets, args.subset_size, args.seed)
-    print(f"  KID {mean:.5f} +- {std:.5f} ({args.subsets} subsets of {m}) on {info['n_generated']} generated "
-          f"and {info['n_real']} real images")
+    rep.say(f"  KID {mean:.5f} +- {std:.5f} ({args.subsets} subsets of {m}) on {info['n_generated']} generated "
+            f"and {info['n_real']} real images")
     results = {"kid": mean, "kid_std": std, "subsets": args.subsets, "subset_size": m, **info}
     return rep.finish(results, {"kid": mean, "n_generated": info["n_generated"]})
+
+
+def cmd_pr(args, s: Subject, rep: Report) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, k nearest neighbours) on FID's Inception features."""
+    real_f, fake_f, info = _inception_features(args, s)
+    precision, recall = precision_recall.precision_recall(real_f.to(s.device), fake_f.to(s.device), args.k)
+    rep.say(f"  precision {precision:.4f}, recall {recall:.4f} (k={args.k}) on {info['n_generated']} generated and "
+            f"{info['n_real']} real images")
+    results = {"precision": precision, "recall": recall, "k": args.k, **info}
+    return rep.finish(results, {"precision": precision, "recall": recall, "n_generated": info["n_generated"]})

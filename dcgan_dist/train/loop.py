@@ -9,6 +9,7 @@ it at a step boundary with a checkpoint (stop.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
     opt_g, opt_d = nets.opt_g, nets.opt_d
     rollbacks = start.rollbacks + extra_rollbacks
     step_fn = make_step(nets, cfg, ctx)
-    G, D, fmt = nets.G, nets.D, perf.memory_format(nets.resolved.channels_last)
+    G, D, ema, fmt = nets.G, nets.D, nets.ema, perf.memory_format(nets.resolved.channels_last)
     cfg = perf.with_resolved(cfg, nets.resolved)  # what config.yaml and the checkpoints record
 
     position = StreamPosition(shards, cfg, ctx.world_size, start.data_step, start.consumed)
@@ -95,11 +96,15 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
         files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
         log = RunLog(run_dir, cfg, target, images_seen)
         log.message(nets.resolved.describe())
+        log.message(f"G_ema: half-life {ema.half_life} images, batchnorm statistics: {cfg.train.ema_bn} "
+                    f"(train.ema_*)" if ema is not None else "G_ema: off (train.ema_images=0)")
         if start.path is not None:
             log.message(f"resumed from {start.path} at {images_seen} images")
         for message in start.messages:
             log.message(f"  {message}")
-    evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images, on rank 0; None when off
+    evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
+    if log is not None and evaluator is not None:
+        log.message(evaluator.describe())
     watch = health.CollapseWatch()
 
     stat_sum = torch.zeros(len(STAT_NAMES), device=device)
@@ -113,7 +118,11 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
             real = pixels.from_uint8(images_u8, device).contiguous(memory_format=fmt)
             z = z_for_step(cfg, step, ctx.rank, real.shape[0], device, rollbacks)
 
+            if ema is not None:
+                ema.prepare(images_seen)
             stat_sum += step_fn(real, z)
+            # G_ema as sampled (standing statistics under ema_bn=recompute): built once, if grids, eval or a checkpoint
+            g_ema = functools.cache(lambda: ema.for_sampling() if ema is not None else None)
             skipped = [skipped[0] + n_skipped, skipped[1] + n_bad_shards]
             position.took(data_step, n_skipped)
             step, data_step = step + 1, data_step + 1
@@ -147,23 +156,27 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                 steps_in_window, window_start = 0, time.perf_counter()
 
             if log is not None and crossed(cfg.log.sample_every_images) and not stopping:
+                # G and G_ema side by side in TensorBoard; the PNG shows the one users sample from.
+                png = run_dir / "samples" / f"samples-{images_seen:012d}.png"
                 with models.eval_mode(models.base_module(G)) as g:
-                    grid = g(fixed_z)
-                log.grid("samples/fixed_noise", grid, images_seen,
-                         run_dir / "samples" / f"samples-{images_seen:012d}.png")
+                    log.grid("samples/fixed_noise", g(fixed_z), images_seen, None if ema is not None else png)
+                if ema is not None:
+                    with models.eval_mode(g_ema()) as g:
+                        log.grid("samples/fixed_noise_ema", g(fixed_z), images_seen, png)
 
             if evaluator is not None and crossed(cfg.eval.every_images) and not stopping:
                 began = time.perf_counter()
-                evaluator(models.base_module(G), models.base_module(D), images_seen, log)
+                evaluator(models.base_module(G), g_ema(), models.base_module(D), images_seen, log)
                 took = time.perf_counter() - began
-                if ctx.world_size > 1 and took > cfg.trainer.collective_timeout_s / 2:
-                    log.alarm(images_seen, f"the evaluation took {took:.0f} s while the other ranks wait; at "
-                                           f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s:g} s "
-                                           f"they will time out: raise it, or lower eval.samples")
+                if log is not None and ctx.world_size > 1 and took > cfg.trainer.collective_timeout_s / 2:
+                    log.alarm(images_seen, f"the evaluation took {took:.0f} s; at trainer.collective_timeout_s="
+                                           f"{cfg.trainer.collective_timeout_s:g} s a rank that finishes its "
+                                           f"share first may time out: raise it, or lower eval.samples")
 
             if crossed(cfg.log.checkpoint_every_images):
                 # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
-                bad = health.nonfinite_parameters({"G": models.base_module(G), "D": models.base_module(D)})
+                bad = health.nonfinite_parameters({"G": models.base_module(G), "D": models.base_module(D),
+                                                   **({"G_ema": ema.module} if ema is not None else {})})
                 if dist.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item() > 0:
                     raise health.NonFinite(f"non-finite weights at {images_seen} images"
                                            + (f" in {' and '.join(bad)}" if bad else " on another rank"))
@@ -179,6 +192,8 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                         "skipped": all_skipped, "consumed": all_consumed, "rng": checkpoint.rng_state(),
                         "config": config_mod.to_dict(cfg),
                     }
+                    if ema is not None:
+                        state["G_ema"] = g_ema().state_dict()
                     path = checkpoint.save(state, checkpoint.path_for(run_dir, images_seen),
                                            cfg.log.keep_checkpoints, cfg.log.keep_every_images)
                 progress["since_rollback"] = 1

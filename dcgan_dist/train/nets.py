@@ -14,6 +14,7 @@ from .. import models
 from ..config import Config
 from ..distributed import syncbn
 from ..distributed.context import Context
+from . import ema as ema_mod
 from . import perf
 from .step import CudaGraphStep, gan_step
 
@@ -28,6 +29,7 @@ class Nets:
     prec: perf.Precision
     graphed: bool
     resolved: perf.Resolved  # the perf settings in use, every "auto" decided
+    ema: ema_mod.EMA | None = None  # G_ema (None when train.ema_images is 0)
 
 
 def build_nets(cfg: Config, ctx: Context) -> Nets:
@@ -44,7 +46,8 @@ def build_nets(cfg: Config, ctx: Context) -> Nets:
     betas = (cfg.train.beta1, cfg.train.beta2)
     opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, resolved.fused_adam, capturable=graphed)
     opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, resolved.fused_adam, capturable=graphed)
-    return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), graphed, resolved)
+    ema = ema_mod.build(G, cfg, cfg.train.batch_size * ctx.world_size, fmt)
+    return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), graphed, resolved, ema)
 
 
 def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -63,5 +66,5 @@ def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, 
             G, D = DDP(G, **ddp), DDP(D, **ddp)
     nets.G, nets.D = G, D
     if nets.graphed:
-        return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side)
-    return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec)
+        return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side, ema=nets.ema)
+    return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec, nets.ema)

@@ -99,6 +99,12 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
     start = Start(path, int(state["images"]), int(state["step"]), rollbacks=int(state.get("rollbacks", 0)))
     nets.G.load_state_dict(state["G"])
     nets.D.load_state_dict(state["D"])
+    if nets.ema is not None:
+        if "G_ema" in state:
+            nets.ema.load_state_dict(state["G_ema"])
+        else:  # written with train.ema_images=0, or before G_ema existed
+            nets.ema.load_state_dict(state["G"])
+            start.messages.append("the checkpoint holds no G_ema: G_ema starts here as a copy of G")
     _load_optimizer(nets.opt_g, state["opt_G"], "G", start.messages)
     _load_optimizer(nets.opt_d, state["opt_D"], "D", start.messages)
     checkpoint.restore_rng(state["rng"])

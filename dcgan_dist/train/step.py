@@ -19,8 +19,9 @@ STAT_NAMES = ("loss/D", "loss/G", "D(x)", "D(G(z))/D_phase", "D(G(z))/G_phase")
 
 
 def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-             real: torch.Tensor, z: torch.Tensor, prec: Precision | None = None) -> torch.Tensor:
-    """Update D, then G; return the step's statistics (STAT_NAMES order) as a detached tensor on the device."""
+             real: torch.Tensor, z: torch.Tensor, prec: Precision | None = None, ema=None) -> torch.Tensor:
+    """Update D, then G, then G_ema (an ema.EMA, if given); return the step's statistics (STAT_NAMES order) as a
+    detached tensor on the device."""
     prec = prec or Precision(None, real.device.type)
     ones = torch.ones(real.shape[0], device=real.device)
     zeros = torch.zeros(real.shape[0], device=real.device)
@@ -43,6 +44,8 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: to
     opt_g.zero_grad(set_to_none=True)
     prec.backward_and_step(loss_g, opt_g, "G")
     d_inner.requires_grad_(True)
+    if ema is not None:
+        ema.update()  # device tensors only, beta included: part of the graph when the step is captured
 
     with torch.no_grad():
         return torch.stack([loss_d, loss_g, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean(),
@@ -59,8 +62,9 @@ class CudaGraphStep:
     """
 
     def __init__(self, G: nn.Module, D: nn.Module, opt_g, opt_d, prec: Precision, side: torch.cuda.Stream,
-                 warmup: int = 11):
+                 warmup: int = 11, ema=None):
         self.nets = (G, D, opt_g, opt_d)
+        self.ema = ema
         self.prec, self.warmup, self.done = prec, warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.side = side  # the stream DDP was built on, as full-step capture requires
@@ -70,7 +74,7 @@ class CudaGraphStep:
             self.done += 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                out = gan_step(*self.nets, real, z, self.prec)
+                out = gan_step(*self.nets, real, z, self.prec, self.ema)
             torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.graph is None:
@@ -78,7 +82,7 @@ class CudaGraphStep:
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the DataLoader's pin-memory thread may allocate pinned memory during the capture.
             with torch.cuda.graph(self.graph, stream=self.side, capture_error_mode="thread_local"):
-                self.out = gan_step(*self.nets, self.real, self.z, self.prec)
+                self.out = gan_step(*self.nets, self.real, self.z, self.prec, self.ema)
         else:
             self.real.copy_(real)
             self.z.copy_(z)
