@@ -112,6 +112,14 @@ def test_cli_rejects_bad_values_with_status_2(override, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_error_exits_before_torch_is_loaded():
+    """The command line reads the config before it imports the training modules: a typo costs no torch import."""
+    code = ("import sys\nfrom dcgan_dist.train import cli\ntry:\n    cli.parse_args(['train.lr_d=-1'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], r.stdout + r.stderr
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("train:\n  images: 10\nmodel: [1, 2\n")

@@ -178,7 +178,7 @@ def _eval_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
 
 def test_evaluation_during_training_is_shared_by_the_ranks_and_scores_the_same(tiny_cfg, tmp_path):
     """Each rank classifies its half of the samples (the judge fit once, on rank 0, and sent): the same scores."""
-    for key, value in (("eval.metric", "coverage"), ("eval.samples", 64), ("eval.real_samples", 500)):
+    for key, value in (("eval.metric", "coverage"), ("eval.samples", 64), ("eval.real_samples", 300)):
         section, name = key.split(".")
         setattr(getattr(tiny_cfg, section), name, value)
     tiny_cfg.run_dir = str(tmp_path / "one")

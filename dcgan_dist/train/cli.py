@@ -13,17 +13,15 @@ from pathlib import Path
 from .. import config as config_mod
 from ..config import Config
 from ..data import storage
-from ..data.shardset import resolve
-from ..data.stream import DataError, steps_per_pass
-from ..shard.run import builtin_shards
-from .health import NonFinite
-from .loop import train
-from .resume import ResumeError
-from .stop import Stopped
+
+# The training modules (torch, torchvision, TensorBoard: seconds to import) are imported in main(), after the
+# config is read: a mistyped key or a bad value exits at once, with torch never loaded.
 
 
 def prepare_data(cfg: Config) -> None:
     """Write the configured built-in set as shards if data.shards does not exist yet."""
+    from ..shard.run import builtin_shards
+
     if cfg.data.builtin and not storage.is_remote(cfg.data.shards) and not Path(cfg.data.shards).exists():
         print(f"writing built-in data set {cfg.data.builtin!r} as shards under {cfg.data.shards}", flush=True)
         builtin_shards(cfg.data.builtin, cfg.data.shards)
@@ -43,6 +41,13 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def main(argv=None) -> None:
     cfg, _ = parse_args(argv)
+    from ..data.shardset import resolve
+    from ..data.stream import DataError, steps_per_pass
+    from .health import NonFinite
+    from .loop import train
+    from .resume import ResumeError
+    from .stop import Stopped
+
     prepare_data(cfg)
     try:
         steps_per_pass(resolve(cfg.data.shards), cfg, world_size=1)  # every data error before any process starts
