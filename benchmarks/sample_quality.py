@@ -72,7 +72,7 @@ def main() -> None:
 
 def generators(path: str):
     """(name, G in eval mode, model config) for G and, if the checkpoint has one, G_ema under each BN choice."""
-    state = checkpoint.load(checkpoint.latest(path) if checkpoint.latest(path) else path)
+    state = checkpoint.load(checkpoint.latest(path) or path)
     cfg = from_dict(state["config"])
     g = models.Generator(cfg.model)
     g.load_state_dict(state["G"])
@@ -80,7 +80,6 @@ def generators(path: str):
     if "G_ema" not in state:
         return
     ema = models.Generator(cfg.model)
-    ema.load_state_dict(state["G_ema"])
     buffers = {k: v for k, v in state["G"].items() if "running" in k or "num_batches" in k}
     ema.load_state_dict({**state["G_ema"], **buffers})  # G's running statistics: train.ema_bn=copy
     yield "G_ema (BN copied from G)", ema.eval(), cfg.model

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import files, models
-from .config import Config, from_dict
+from .config import CHOICES, Config, from_dict
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 
@@ -102,7 +102,7 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-GENERATORS = ("ema", "raw")  # what --generator picks: G_ema (the default wherever users sample) or the raw G
+GENERATORS = CHOICES["eval.generator"]  # what --generator picks: G_ema (the default wherever users sample) or G
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -136,6 +136,24 @@ def generate(g: nn.Module, cfg: ModelConfig, n: int, seed: int = 0, batch_size: 
 
 
 @torch.no_grad()
+def with_batch_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """A copy of module in eval mode whose batchnorm running statistics are the cumulative average of the batch
+    statistics of these input batches (the module itself is untouched)."""
+    module = copy.deepcopy(module)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    module.train()
+    device = next(module.parameters()).device
+    for x in batches:
+        module(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return module.eval()
+
+
 def standing_statistics(g: nn.Module, cfg: ModelConfig, batches: int = 32, batch_size: int = 64,
                         seed: int = 0) -> nn.Module:
     """A copy of g in eval mode whose batchnorm running statistics are recomputed from its own samples.
@@ -144,17 +162,5 @@ def standing_statistics(g: nn.Module, cfg: ModelConfig, batches: int = 32, batch
     statistics" (BigGAN, StudioGAN) are the cumulative average of batch statistics over `batches` generated
     batches of the training batch size, from latent draws fixed by seed: a pure function of g's weights.
     """
-    g = copy.deepcopy(g)
-    norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all batches
-    g.train()
-    device = next(g.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        g(sample_z(batch_size, cfg, generator=gen).to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return g.eval()
+    return with_batch_statistics(g, (sample_z(batch_size, cfg, generator=gen) for _ in range(batches)))

@@ -26,7 +26,7 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
 
-def _manifest_of(spec: str) -> str | None:
+def manifest_of(spec: str) -> str | None:
     """The manifest a data.shards spec names, or None when it names shards directly."""
     if storage.is_remote(spec) and spec.endswith("/"):
         return spec + MANIFEST  # a bucket prefix: its manifest names the shards, no listing
@@ -41,7 +41,7 @@ def resolve(spec: str) -> ShardSet:
     spec = spec.strip()
     if not spec:
         raise ValueError("data.shards is empty: name a shard directory, a manifest.json or a shard pattern")
-    manifest_path = _manifest_of(spec)
+    manifest_path = manifest_of(spec)
     if manifest_path is not None:
         if not storage.is_remote(manifest_path) and not os.path.exists(manifest_path):
             raise FileNotFoundError(f"data.shards: manifest {manifest_path} does not exist")

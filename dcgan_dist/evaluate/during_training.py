@@ -41,7 +41,7 @@ class TrainingEval:
     score and update best.pt (rank 0)."""
 
     def __init__(self, cfg: Config, ctx: Context):
-        self.cfg, self.ctx, self.device, self.metric = cfg, ctx, ctx.device, cfg.eval.metric
+        self.cfg, self.ctx, self.metric = cfg, ctx, cfg.eval.metric
         self.best_path = checkpoint.directory(cfg.run_dir) / BEST
         self.best = self._previous_best() if ctx.is_main else None
         # The reference is built now, so that a bad weights file or unlabelled shards fail before training,

@@ -9,13 +9,14 @@ per-dimension standardisation, which here made the SVM several times slower to f
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import models
 
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -36,22 +37,12 @@ def d_features(D: nn.Module, images: torch.Tensor, batch_size: int = 256) -> tor
     return torch.cat(out)
 
 
-@torch.no_grad()
 def with_real_statistics(D: nn.Module, images: torch.Tensor, batch_size: int = 256) -> nn.Module:
     """A copy of D in eval mode whose batchnorm statistics are re-estimated on these real images."""
     # The paper's code normalised with batch statistics of the real images being featurised. A trained D's
     # running averages mix real and generated batches, and a random D's are the identity; re-estimating both
     # on the same real images compares the two networks' weights under the same normalisation.
-    D = copy.deepcopy(D)
-    for m in D.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over all batches
-    D.train()
-    device = next(D.parameters()).device
-    for i in range(0, len(images), batch_size):
-        D(images[i:i + batch_size].to(device))
-    return D.eval()
+    return models.with_batch_statistics(D, images.split(batch_size))
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

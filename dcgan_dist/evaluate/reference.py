@@ -21,7 +21,7 @@ import torch
 from .. import files
 from ..data import shardset, storage
 from ..data.load import load_images
-from ..data.manifest import MANIFEST, file_sha256, read_manifest
+from ..data.manifest import file_sha256, read_manifest
 from ..distributed import context as dist
 from . import fid, sharded
 
@@ -45,21 +45,9 @@ def cache_dir(setting: str | None) -> Path | None:
     return None if setting == "off" else Path(setting)
 
 
-def _manifest_path(spec: str) -> str | None:
-    spec = spec.strip()
-    if spec.endswith(".json"):
-        return spec
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, MANIFEST)):
-        return os.path.join(spec, MANIFEST)
-    if storage.is_remote(spec) and spec.endswith("/"):
-        return spec + MANIFEST
-    return None
-
-
 def real_protocol(spec: str, resolution: int, channels: int, limit: int | None) -> dict:
     """What the real side of a score is: shards, their format and quality, their fingerprint, how many images."""
-    found = _manifest_path(spec)
-    shards = shardset.resolve(spec)
+    found = shardset.manifest_of(spec.strip())
     if found is not None:
         manifest = read_manifest(found)
         options = manifest.get("options", {})
@@ -70,6 +58,7 @@ def real_protocol(spec: str, resolution: int, channels: int, limit: int | None) 
         shard_resize = "none (kept whole)" if options.get("keep_size") else "centre crop, Lanczos (dcgan_dist.shard)"
         total = manifest["total"]
     else:  # shards written by another tool: their urls (and local sizes) identify them
+        shards = shardset.resolve(spec)
         sizes = [os.path.getsize(u) if not storage.is_remote(u) else 0 for u in shards.urls]
         fingerprint = hashlib.sha256(json.dumps([shards.urls, sizes]).encode()).hexdigest()[:16]
         fmt, quality, stored, shard_resize, total = "unknown (no manifest)", None, "unknown", "unknown", shards.size

@@ -71,12 +71,6 @@ class EMA:
         """G_ema as it is sampled from and saved: with standing statistics under ema_bn=recompute."""
         return for_sampling(self.module, self.cfg)
 
-    def state_dict(self) -> dict:
-        return self.for_sampling().state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
-
 
 def for_sampling(g_ema: nn.Module, cfg: Config) -> nn.Module:
     """g_ema with the batchnorm statistics train.ema_bn asks for (a copy with standing statistics, or itself)."""

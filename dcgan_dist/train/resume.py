@@ -101,9 +101,9 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
     nets.D.load_state_dict(state["D"])
     if nets.ema is not None:
         if "G_ema" in state:
-            nets.ema.load_state_dict(state["G_ema"])
+            nets.ema.module.load_state_dict(state["G_ema"])
         else:  # written with train.ema_images=0, or before G_ema existed
-            nets.ema.load_state_dict(state["G"])
+            nets.ema.module.load_state_dict(state["G"])
             start.messages.append("the checkpoint holds no G_ema: G_ema starts here as a copy of G")
     _load_optimizer(nets.opt_g, state["opt_G"], "G", start.messages)
     _load_optimizer(nets.opt_d, state["opt_D"], "D", start.messages)
