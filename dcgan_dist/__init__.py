@@ -7,7 +7,7 @@ this, and that there is no import cycle):
   6  train/           the training loop, the GAN step, speed options, TensorBoard
   5  shard/           the sharding tool (the write path)
      evaluate/        the paper's experiments and sample-quality metrics, also during training
-  4  distributed/     ranks and process groups, synchronised batchnorm, the Ray Train launcher
+  4  distributed/     ranks and process groups, start-up, synchronised batchnorm, preemption, the Ray launcher
   3  data/            the read path: shard sets, manifests, storage, tar parsing, image decoding, the stream
   2  checkpoint.py    atomic checkpoints and the networks they hold
   1  models.py, grids.py   G and D as the paper specifies them; image grids

@@ -91,6 +91,11 @@ class TrainerConfig:
     sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
     max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
+    min_workers: Optional[int] = None  # elastic group of min_workers..num_workers ranks (docs/cluster.md); null: fixed
+    elastic_check_s: float = 60.0      # how often an elastic group looks for room to grow (a regrowth restarts it)
+    max_preemption_failures: int = -1  # restarts after a node preemption notice, counted apart; -1: unlimited
+    preemption_grace_s: float = 60.0   # after a notice's deadline, how long Ray waits for the node to be gone
+    startup_timeout_s: float = 300.0   # ranks that have not all joined by then: an error naming the missing ones
     collective_timeout_s: float = 1800.0  # a collective waiting longer than this for a rank is an error
     storage_path: Optional[str] = None  # Ray checkpoint storage shared by all nodes (NFS path, s3://, gs://);
                                         # default: <run_dir>/ray, which suits one machine only
@@ -153,6 +158,9 @@ RANGES: dict[str, tuple] = {
     "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
     "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
     "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),
+    "trainer.min_workers": (1, None), "trainer.elastic_check_s": (0, None),
+    "trainer.max_preemption_failures": (-1, None), "trainer.preemption_grace_s": (0, None),
+    "trainer.startup_timeout_s": ("<", 0, None),
     "perf.ddp_bucket_mb": (1, None),
     "eval.every_images": (1, None), "eval.samples": (2, None), "eval.real_samples": (2, None),
 }
@@ -195,6 +203,10 @@ def _checked(cfg) -> Config:
         problem = _range_error(key, getattr(cfg[section], name), bounds)
         if problem:
             raise ConfigError(problem)
+    t = cfg.trainer
+    if t.min_workers is not None and t.min_workers > t.num_workers:
+        raise ConfigError(f"trainer.min_workers: {t.min_workers} is more than trainer.num_workers={t.num_workers} "
+                          f"(an elastic group runs min_workers..num_workers ranks)")
     e = cfg.eval
     if e.metric == "fid" and not e.inception_weights:
         raise ConfigError("eval.inception_weights: eval.metric=fid needs an Inception-v3 weights file "

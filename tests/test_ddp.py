@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ from dcgan_dist.distributed import context as dist
 from dcgan_dist.models import base_module
 from dcgan_dist.shard import writer
 from dcgan_dist.train.nets import build_nets, make_step
-from multirank import run_ranks
+from multirank import free_port, run_ranks
 
 PER_RANK, STEPS = 4, 3
 # Max abs weight difference allowed after STEPS steps. float64 checks the algorithm: any missing synchronisation
@@ -188,3 +192,43 @@ def test_evaluation_during_training_is_shared_by_the_ranks_and_scores_the_same(t
     assert other == {}  # rank 1 embedded its share and reported nothing
     assert shared["eval/coverage"] == pytest.approx(single["eval/coverage"], rel=1e-6)
     assert shared["eval/coverage_judge_accuracy"] == single["eval/coverage_judge_accuracy"]
+
+
+def _rank_command(rank: int, world_size: int, port: int, mnist_shards, run_dir) -> tuple[list[str], dict]:
+    """`python -m dcgan_dist.train` as torchrun or a hand-made launcher starts one rank: the env:// variables."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+           "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    return [sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
+            "train.device=cpu", f"run_dir={run_dir}", "trainer.startup_timeout_s=5"], env
+
+
+def test_a_rank_that_never_comes_ends_the_start_up_with_its_name(mnist_shards, tmp_path):
+    """WORLD_SIZE=3 but only ranks 0 and 1 start (a node that cannot reach the head): within
+    trainer.startup_timeout_s both end with an error that names rank 2, the ranks that did join and their nodes,
+    and the interface settings to check; not torch's half-hour wait."""
+    port = free_port()
+    commands = [_rank_command(r, 3, port, mnist_shards, tmp_path / "run") for r in (0, 1)]
+    procs = [subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for command, env in commands]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode != 0, f"rank {rank} did not fail: {out[-1000:]}"
+        said = err.strip().splitlines()[-1]
+        assert said.startswith("error: "), err[-2000:]
+        assert "rank 2 of 3 never joined the rendezvous at 127.0.0.1" in said, said
+        assert "within 5 s (trainer.startup_timeout_s)" in said, said
+        assert f"rank 0 of 3 on node {socket.gethostname()}" in said and "rank 1 of 3 on node" in said, said
+        assert "GLOO_SOCKET_IFNAME=unset" in said and "NCCL_SOCKET_IFNAME" in said, said
+        assert "Traceback" not in err, err[-2000:]
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous_says_so(mnist_shards, tmp_path):
+    """Rank 1 alone, pointed at an address where nothing listens (the head's firewall, a wrong MASTER_ADDR)."""
+    command, env = _rank_command(1, 2, free_port(), mnist_shards, tmp_path / "run")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: rank 1 of 2 on node") and "cannot reach the rendezvous at 127.0.0.1:" in said, \
+        proc.stderr[-2000:]
+    assert "within 5 s (trainer.startup_timeout_s)" in said and "GLOO_SOCKET_IFNAME" in said, said

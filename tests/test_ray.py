@@ -51,6 +51,7 @@ def two_nodes():
         env.setenv("RAY_AUTH_MODE", "token")
         env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train's controller: 5 s by default
         env.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")  # Ray's processes and job drivers: loopback
         env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this process, which read it at import
         RayConfig.initialize("")  # `import ray` read RAY_AUTH_MODE already; ray.init re-reads it the same way
@@ -59,7 +60,9 @@ def two_nodes():
             cluster = Cluster(initialize_head=True, head_node_args={
                 "node_ip_address": "127.0.0.1", "num_cpus": 1, "gcs_server_port": free_port(),
                 "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-                "dashboard_agent_listen_port": free_port()})  # free ports: other clusters may be running
+                "dashboard_agent_listen_port": free_port(),  # free ports: other clusters may be running
+                # A killed node is seen dead in about 5 s instead of 15 (the preemption test waits for that).
+                "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
             cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
             cluster.wait_for_nodes()
             ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
@@ -73,15 +76,20 @@ def two_nodes():
     RayConfig.initialize("")  # back to this process's own authentication mode
 
 
-def _scalars(run_dir: Path, tag: str = "loss/D") -> list[list[int]]:
-    """The steps (images) of one scalar in each TensorBoard event file of a run, oldest file first."""
+def _events(run_dir: Path, tag: str) -> list[list]:
+    """One scalar's events in each TensorBoard event file of a run (one file per attempt), oldest file first."""
     files = sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: float(p.name.split(".")[3]))
-    steps = []
+    events = []
     for f in files:
         acc = EventAccumulator(str(f))
         acc.Reload()
-        steps.append([e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else [])
-    return steps
+        events.append(acc.Scalars(tag) if tag in acc.Tags()["scalars"] else [])
+    return events
+
+
+def _scalars(run_dir: Path, tag: str = "loss/D") -> list[list[int]]:
+    """The steps (images) of one scalar in each TensorBoard event file of a run, oldest file first."""
+    return [[e.step for e in attempt] for attempt in _events(run_dir, tag)]
 
 
 def _ray_checkpoints(run_dir: Path) -> list[Path]:
@@ -191,3 +199,120 @@ def test_ray_job_submit_trains_on_the_cluster(two_nodes, mnist_shards, tmp_path)
     assert [p.name for p in stored] == [checkpoint.path_for(run_dir, n).name for n in (target // 2, target)]
     final = torch.load(stored[-1], weights_only=True)
     assert final["images"] == target and final["world_size"] == 2
+
+
+def _images(path: Path) -> int:
+    return int(path.stem.split("-")[1])  # ckpt-000000001600.pt
+
+
+def _stored_images(run_dir: Path) -> list[int]:
+    """The image counts of the checkpoints Ray Train stored so far."""
+    return [_images(p) for p in _ray_checkpoints(run_dir)]
+
+
+def _world_size(path: Path) -> int | None:
+    """The world size a stored checkpoint was written at; None while Ray is still copying it in."""
+    try:
+        return torch.load(path, weights_only=True)["world_size"]
+    except (EOFError, RuntimeError, OSError):
+        return None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_nodes, mnist_shards, tmp_path):
+    """`python -m dcgan_dist.train ... trainer.num_workers=2 trainer.min_workers=1` (an elastic group) on two
+    nodes. `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 20` on the node of
+    one worker (a spot reclaim notice) -> a just-in-time checkpoint at the next log interval, later than the last
+    periodic one -> that node killed at the deadline -> the group goes on with one worker from that checkpoint ->
+    a node joins -> the group grows back to two and the run ends at exactly train.images. Any failure other than
+    the preemption fails the run (max_failures=0). Runs last in the module: it leaves the cluster with a new
+    second node."""
+    from ray.util.state import list_actors
+
+    cluster, _ = two_nodes
+    run_dir = tmp_path / "run"
+    every, periodic = 8 * GLOBAL_BATCH, 50 * GLOBAL_BATCH  # never the same image count before 6400
+    target = 400 * GLOBAL_BATCH
+    command = [sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
+               "data.num_workers=0", "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", "train.batch_size=16",
+               f"train.images={target}", "train.device=cpu", f"log.every_images={every}",
+               f"log.sample_every_images={target}", f"log.checkpoint_every_images={periodic}", "log.grid_size=16",
+               f"run_dir={run_dir}", "trainer.num_workers=2", "trainer.min_workers=1", "trainer.sync_bn=true",
+               "trainer.max_failures=0", "trainer.max_preemption_failures=1", "trainer.elastic_check_s=2"]
+
+    def workers():
+        return list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                             ("state", "=", "ALIVE")])
+
+    head = cluster.head_node.node_id
+    others = {n.node_id: n for n in cluster.list_all_nodes() if n.node_id != head}
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                  env={**os.environ, "RAY_ADDRESS": cluster.address})
+    seen: dict = {}  # what the test saw, in order
+    deadline = time.monotonic() + 300
+    try:
+        while driver.poll() is None and time.monotonic() < deadline:
+            stored = _stored_images(run_dir)
+            if "drained" not in seen:
+                group = workers()
+                periodic_ones = [n for n in stored if n % periodic == 0]
+                if len(group) == 2 and periodic_ones:
+                    seen["nodes"] = {w.node_id for w in group}
+                    seen["drained"] = next(w.node_id for w in group if w.node_id in others)
+                    seen["last periodic"] = max(periodic_ones)
+                    drain = subprocess.run(
+                        [RAY_CLI, "drain-node", "--address", cluster.address, "--node-id", seen["drained"],
+                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaim",
+                         "--deadline-remaining-seconds", "20"], capture_output=True, text=True, timeout=60)
+                    assert drain.returncode == 0, drain.stdout + drain.stderr
+                    seen["deadline"] = time.monotonic() + 20
+            elif "just in time" not in seen:
+                just_in_time = [n for n in stored if n % periodic != 0]
+                if just_in_time:
+                    seen["just in time"] = just_in_time[0]
+            elif "killed" not in seen:
+                if time.monotonic() > seen["deadline"]:
+                    # The reclaim itself, at the deadline as a spot instance's: the node goes at once (no
+                    # graceful stop).
+                    cluster.remove_node(others[seen["drained"]], allow_graceful=False)
+                    seen["killed"] = time.monotonic()
+            elif "joined" not in seen:
+                # The shrunk group has checkpointed (with one worker) before a node comes back.
+                if 1 in {_world_size(p) for p in _ray_checkpoints(run_dir) if _images(p) > seen["just in time"]}:
+                    seen["one worker after the deadline, s"] = time.monotonic() - seen["deadline"]
+                    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+                    seen["joined"] = True
+            time.sleep(0.2)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    said = log_path.read_text()
+    assert driver.wait() == 0, f"the run failed or hung; {seen}\n{said[-4000:]}"
+    assert "joined" in seen, f"the run ended before the preemption played out: {seen}"
+    assert len(seen["nodes"]) == 2, f"both workers ran on one node: {seen}"
+    assert "preemption notice: node" in said and "writing a just-in-time checkpoint" in said, said[-4000:]
+
+    # The just-in-time checkpoint: at a log interval after the notice, later than the last periodic checkpoint.
+    last_periodic, just_in_time = seen["last periodic"], seen["just in time"]
+    assert just_in_time > last_periodic and just_in_time % every == 0, seen
+
+    # Attempts, one TensorBoard file each: two workers until the notice (nothing stepped after the checkpoint),
+    # one worker from the just-in-time checkpoint on, then two again to the end.
+    sizes = [[int(e.value) for e in attempt] for attempt in _events(run_dir, "perf/world_size")]
+    steps = _scalars(run_dir)
+    assert len(steps) == 3, f"expected three attempts (two workers, one, two): {steps}"
+    assert [set(s) for s in sizes] == [{2}, {1}, {2}], sizes
+    assert steps[0][-1] == just_in_time, f"attempt 1 stepped past its just-in-time checkpoint: {steps[0][-3:]}"
+    assert steps[1][0] == just_in_time + every, f"attempt 2 did not resume at {just_in_time}: {steps[1][:3]}"
+    repeated = steps[0][-1] - (steps[1][0] - every)
+    assert 0 <= repeated <= every
+    assert steps[2][-1] == target
+
+    final = torch.load(_ray_checkpoints(run_dir)[-1], weights_only=True)
+    assert final["images"] == target and final["world_size"] == 2
+    print(f"preemption: last periodic checkpoint {last_periodic} images, just-in-time {just_in_time}, repeated "
+          f"{repeated}; a one-worker checkpoint {seen['one worker after the deadline, s']:.1f} s after the deadline; "
+          f"grown back at {steps[2][0] - every} images (repeats {steps[1][-1] - (steps[2][0] - every)} images)")

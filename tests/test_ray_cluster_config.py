@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -50,3 +51,43 @@ def test_validation_rejects_a_misspelt_key():
     raw["max_worker"] = raw.pop("max_workers")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(raw))
+
+
+def _run_start_commands(commands: list[str], home: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run a YAML's start commands in order as Ray's updater does (each in its own shell, stopping at the first
+    failure), with a `ray` on PATH that records how it was called: its arguments and RAY_AUTH_MODE."""
+    bin_dir, calls = home / "bin", home / "ray-calls"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(f'#!/bin/sh\necho "RAY_AUTH_MODE=$RAY_AUTH_MODE $*" >> {calls}\n')
+    (bin_dir / "ray").chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.10"}
+    proc = None
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=30)
+        if proc.returncode != 0:
+            break
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.parametrize("name", ["gpu.yaml", "local.yaml"])
+@pytest.mark.parametrize("node", ["head", "worker"])
+def test_nodes_start_only_with_the_token_and_demand_it(name, node, tmp_path):
+    """Token authentication that fails closed: without ~/.ray/auth_token a node refuses to start (Ray would
+    start an open cluster), with it every `ray start` runs with RAY_AUTH_MODE=token; the head's dashboard
+    listens on loopback only (users reach it through `ray dashboard`'s SSH tunnel)."""
+    commands = _validated(name)[f"{node}_start_ray_commands"]
+    proc, calls = _run_start_commands(commands, tmp_path)
+    assert proc.returncode != 0 and "~/.ray/auth_token is missing" in proc.stderr, proc.stderr
+    assert "ray get-auth-token --generate" in proc.stderr
+    assert not any(" start " in c for c in calls), calls
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    proc, calls = _run_start_commands(commands, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    starts = [c for c in calls if " start " in c]
+    assert starts and all(c.startswith("RAY_AUTH_MODE=token start ") for c in starts), calls
+    if node == "head":
+        assert all("--head" in c and "--dashboard-host=127.0.0.1" in c for c in starts), starts
+    else:
+        assert all("--address=10.0.0.10:6379" in c for c in starts), starts

@@ -27,7 +27,7 @@ def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
     run = Path(tiny_cfg.run_dir)
     acc = _events(run)
     tags = acc.Tags()
-    for name in (*STAT_NAMES, "perf/images_per_sec", "data/skipped_samples", "data/skipped_shards"):
+    for name in (*STAT_NAMES, "perf/images_per_sec", "perf/world_size", "data/skipped_samples", "data/skipped_shards"):
         assert name in tags["scalars"], name
         steps = [e.step for e in acc.Scalars(name)]
         assert steps == [64, 128, 192, 256, 320]  # logged every 64 images, counted in images

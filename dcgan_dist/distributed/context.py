@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from . import rendezvous
+
 
 @dataclass(frozen=True)
 class Context:
@@ -48,20 +50,31 @@ def launched() -> bool:
     return "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: str = "auto", timeout_s: float = 1800) -> Context:
+def init(device: str = "auto", timeout_s: float = 1800, startup_timeout_s: float = 300) -> Context:
     """Join the process group that the launcher describes (none in a plain local run) and pick the device.
 
     timeout_s bounds every collective: a rank that died or hangs becomes an error on the others, not a hang.
+    startup_timeout_s bounds the rendezvous: ranks that have not joined by then end it with an error naming them.
+    Under a launcher every rank prints once where it runs (node, address, device, backend).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     owns = False
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if (world_size > 1 or launched()) and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+        store = rendezvous.join(rank, world_size, startup_timeout_s, backend)
+        torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                       timeout=timedelta(seconds=timeout_s))
         owns = True
+    elif torch_dist.is_initialized():
+        # Ray Train made the group with trainer.startup_timeout_s (its TorchConfig) so that a rendezvous that
+        # cannot complete fails in bounded time; from here on collectives get their own timeout.
+        backend = torch_dist.get_backend()
+        torch_dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+    if launched() or torch_dist.is_initialized():
+        print(rendezvous.whereabouts(rank, world_size, dev, backend), flush=True)
     return Context(rank, world_size, local_rank, dev, owns)
 
 

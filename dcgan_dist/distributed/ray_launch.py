@@ -10,14 +10,26 @@ Checkpoints: the loop has rank 0 write its checkpoint file, then calls the hook 
 calls ray.train.report equally often and only rank 0 attaches a checkpoint. After a worker dies, Ray restarts the
 whole group (up to trainer.max_failures times) and ray.train.get_checkpoint() hands the loop the last one; rerunning
 the same command with the same run_dir and storage resumes the same way.
+
+Clusters that change under a run:
+- Elastic groups (trainer.min_workers): Ray starts as many workers as fit, between min_workers and num_workers;
+  a lost node restarts the group smaller, and every trainer.elastic_check_s Ray looks for room to grow and
+  restarts it larger. Each restart resumes from the last checkpoint at the new world size (train/resume.py).
+- Preemption notices (a spot reclaim, `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): the loop asks
+  ray.train.get_preemption_info() at every log interval on every rank; on a notice it writes and reports a
+  just-in-time checkpoint and stops stepping, and the worker waits here (_hold) until the reclaimed node is gone,
+  so that Ray restarts the group at once without it (at the latest trainer.preemption_grace_s after the
+  notice's deadline). Those restarts count against trainer.max_preemption_failures, not max_failures.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -31,6 +43,7 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
+from .preemption import Preempted
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
 Loop = Callable[..., dict]
@@ -49,15 +62,75 @@ def _report(path: Path | None, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=path.stem)
 
 
+# Ray Train's fallback when a drain names no deadline (its DEFAULT_PREEMPTION_DEADLINE_S), and how much longer
+# than the deadline a held worker waits for the restart before it gives up with an error.
+UNKNOWN_DEADLINE_S, HOLD_MARGIN_S = 120.0, 60.0
+# How often Ray Train's view of the cluster's nodes is refreshed (Ray 2.60's AutoscalingCoordinator ticks every
+# 20 s): a group restarted before that still counts a dead node's CPUs and GPUs, waits a minute for workers that
+# cannot start there (its worker-group start timeout) and only then starts smaller.
+NODE_VIEW_REFRESH_S = 21.0
+_notice: dict = {}  # the last notice, for _hold: "deadline" (UNIX seconds), "nodes" (IDs of those reclaimed)
+
+
+def _preemption() -> str | None:
+    """The loop's preemption probe: Ray's notice as one line, or None. A barrier: every rank calls it."""
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    _notice["deadline"] = time.time() + UNKNOWN_DEADLINE_S if info.deadline_ms is None else info.deadline_ms / 1000
+    _notice["nodes"] = set(info.preempted_node_to_ranks)
+    nodes = ", ".join(f"{node[:12]} (ranks {', '.join(map(str, ranks))})"
+                      for node, ranks in sorted(info.preempted_node_to_ranks.items()))
+    left = "no deadline given" if info.deadline_ms is None else \
+        f"reclaimed in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s"
+    return f"node {nodes} {left}"
+
+
+def _gone(nodes: set[str]) -> bool:
+    """Whether Ray has seen every one of these nodes die."""
+    return not nodes & {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _hold(notice: Preempted, grace_s: float) -> None:
+    """After the just-in-time checkpoint: wait, without stepping, until Ray has seen the reclaimed nodes die,
+    then (NODE_VIEW_REFRESH_S later) end this attempt so that Ray restarts the group at once, sized by what is
+    left (a rank on a reclaimed node ends with it). Ray restarts anyway grace_s after the deadline; an error if
+    even that never comes.
+
+    Ray's own advice is to keep training after the notice. Here that would repeat all of that work (the restart
+    resumes from the checkpoint) and, worse, the surviving ranks' next collective fails when the node goes, which
+    Ray counts as an ordinary failure (max_failures) if it sees that error first. A restart at the deadline
+    itself, before Ray has noticed the node's death, counts the dying node's CPUs and GPUs as free and waits a
+    minute for workers that can never start there: hence trainer.preemption_grace_s, the wait for the death and
+    then for Ray's view of the nodes to catch up (NODE_VIEW_REFRESH_S).
+    Ray counts the death as a preemption only after the deadline; a node that dies earlier is an ordinary failure.
+    """
+    until = _notice.get("deadline", time.time() + UNKNOWN_DEADLINE_S) + grace_s + HOLD_MARGIN_S
+    nodes, gone_at = _notice.get("nodes", set()), None
+    print(f"dcgan_dist.ray_launch: rank {ray.train.get_context().get_world_rank()}: {notice}; waiting for the "
+          f"reclaimed node to go, then for Ray to restart the group without it", flush=True)
+    while time.time() < until:
+        if gone_at is None and nodes and _gone(nodes):
+            gone_at = time.time()
+        if gone_at is not None and time.time() > gone_at + NODE_VIEW_REFRESH_S:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{notice}, but Ray did not restart the group within {grace_s + HOLD_MARGIN_S:g} s of the "
+                       f"preemption deadline")
+
+
 def worker_loop(loop_config: dict, loop: Loop) -> None:
     """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any."""
     cfg = config_mod.from_dict(loop_config["cfg"])
     restored = ray.train.get_checkpoint()
-    if restored is None:
-        loop(cfg, on_checkpoint=_report)
-        return
-    with restored.as_directory() as local:  # a download for bucket storage, the directory itself on a file system
-        loop(cfg, resume_from=checkpoint.latest(local), on_checkpoint=_report)
+    try:
+        if restored is None:
+            loop(cfg, on_checkpoint=_report, preemption=_preemption)
+            return
+        with restored.as_directory() as local:  # a download for bucket storage, the directory itself on a file system
+            loop(cfg, resume_from=checkpoint.latest(local), on_checkpoint=_report, preemption=_preemption)
+    except Preempted as notice:
+        _hold(notice, cfg.trainer.preemption_grace_s)
 
 
 def _absolute(path: str) -> str:
@@ -70,6 +143,8 @@ def resolved(cfg: Config) -> Config:
     t = cfg.trainer
     if t.num_workers < 1:
         raise ConfigError(f"trainer.num_workers: {t.num_workers}; Ray needs at least 1 (0 trains without Ray)")
+    if t.min_workers is not None and t.min_workers > t.num_workers:
+        raise ConfigError(f"trainer.min_workers: {t.min_workers} is more than trainer.num_workers={t.num_workers}")
     if t.use_gpu and cfg.train.device == "cpu":
         raise ConfigError("trainer.use_gpu=true with train.device=cpu: NCCL needs the model on the GPU")
     if not t.use_gpu and cfg.train.device == "cuda":
@@ -82,18 +157,24 @@ def resolved(cfg: Config) -> Config:
 
 
 def trainer_for(cfg: Config, loop: Loop) -> TorchTrainer:
-    """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs."""
+    """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs; an elastic
+    group of min_workers..num_workers of them when trainer.min_workers is set."""
     t = cfg.trainer
+    elastic = t.min_workers is not None and t.min_workers < t.num_workers
     return TorchTrainer(
         partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
         train_loop_config={"cfg": config_mod.to_dict(cfg)},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=int(t.collective_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        # The process group's own timeout bounds its rendezvous; context.init then sets collective_timeout_s.
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=math.ceil(t.startup_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if elastic else t.num_workers,
+                                     use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=t.elastic_check_s),
         run_config=RunConfig(
             name=Path(cfg.run_dir).name,
             storage_path=t.storage_path,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures,
+                                         max_preemption_failures=t.max_preemption_failures,
+                                         preemption_grace_s=t.preemption_grace_s),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.log.keep_checkpoints),
         ),
     )
@@ -130,7 +211,8 @@ def _start_local() -> None:
 def _check_fits(t, can_grow: bool) -> None:
     """Say at once when the workers do not fit: a cluster may autoscale to them, a local instance never will."""
     have = ray.cluster_resources()
-    need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
+    least = t.num_workers if t.min_workers is None else t.min_workers  # an elastic group starts with what fits
+    need = {"CPU": least * t.cpus_per_worker, "GPU": least if t.use_gpu else 0}
     short = ", ".join(f"{have.get(k, 0):g} {k} of the {n:g} needed" for k, n in need.items() if n > have.get(k, 0))
     if not short:
         return

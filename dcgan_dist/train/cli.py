@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     cfg, _ = parse_args(argv)
     from ..data.shardset import resolve
     from ..data.stream import DataError, steps_per_pass
+    from ..distributed.rendezvous import RendezvousError
     from .health import NonFinite
     from .loop import train
     from .resume import ResumeError
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
     except ResumeError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    except NonFinite as err:
+    except (NonFinite, RendezvousError) as err:
         raise SystemExit(f"error: {err}")
     except Stopped as err:
         print(f"dcgan_dist: {err}", file=sys.stderr)

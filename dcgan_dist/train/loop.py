@@ -4,7 +4,9 @@ The same `train()` runs in a plain local process, under torchrun, and as Ray Tra
 (distributed/ray_launch.py is handed it; this module knows nothing of Ray). Progress is counted in images seen
 by D across all ranks; a rerun with the same run directory resumes from the newest checkpoint (resume.py: at any
 world size). A run that goes non-finite rolls back to its newest checkpoint (health.py); SIGTERM or SIGINT stops
-it at a step boundary with a checkpoint (stop.py).
+it at a step boundary with a checkpoint (stop.py). A launcher that hears of node preemptions (Ray) hands in a
+`preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
+checkpoint and raises distributed.preemption.Preempted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..config import Config
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
 from ..distributed import context as dist
+from ..distributed.preemption import Preempted, PreemptionProbe
 from ..evaluate import during_training
 from . import health, perf, resume
 from .nets import build_nets, make_step
@@ -42,15 +45,16 @@ def z_for_step(cfg: Config, step: int, rank: int, n: int, device: torch.device, 
     return models.sample_z(n, cfg.model, device=device, generator=gen)
 
 
-def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None) -> dict:
+def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None,
+          preemption: PreemptionProbe | None = None) -> dict:
     """Run the training loop to cfg.train.images; return the last logged metrics (on every rank)."""
-    ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s)
+    ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
     in_a_row, progress = 0, {}  # progress["since_rollback"]: a checkpoint was written since the last rollback
     try:
         with StopRequest() as stop:
             while True:
                 try:
-                    return _run(cfg, ctx, resume_from, on_checkpoint, stop, in_a_row, progress)
+                    return _run(cfg, ctx, resume_from, on_checkpoint, preemption, stop, in_a_row, progress)
                 except health.NonFinite as err:
                     in_a_row = 1 if progress.pop("since_rollback", 0) else in_a_row + 1
                     if cfg.train.on_nonfinite == "stop" or in_a_row > cfg.train.max_rollbacks:
@@ -67,7 +71,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
 
 
 def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint: CheckpointHook | None,
-         stop: StopRequest, extra_rollbacks: int, progress: dict) -> dict:
+         preemption: PreemptionProbe | None, stop: StopRequest, extra_rollbacks: int, progress: dict) -> dict:
     run_dir, device = Path(cfg.run_dir), ctx.device
     shards = resolve(cfg.data.shards)
     nets = build_nets(cfg, ctx)
@@ -110,6 +114,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
     stat_sum = torch.zeros(len(STAT_NAMES), device=device)
     steps_in_window, window_start = 0, time.perf_counter()
     metrics: dict = {}
+    notice = None  # a preemption notice: checkpoint now, then stop stepping
     try:
         while images_seen < target:
             images_u8, n_skipped, n_bad_shards = next(batches)
@@ -144,7 +149,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                 metrics = {name: v / ctx.world_size for name, v in zip(STAT_NAMES, values)}
                 health.check_metrics(metrics, images_seen)
                 metrics["data/skipped_samples"], metrics["data/skipped_shards"] = values[len(STAT_NAMES):-2]
-                metrics["perf/images_per_sec"] = values[-2]
+                metrics["perf/images_per_sec"], metrics["perf/world_size"] = values[-2], ctx.world_size
                 stopping = stopping or values[-1] > 0
                 alarm = watch.update(metrics)
                 metrics["images"] = images_seen
@@ -154,6 +159,10 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                         log.alarm(images_seen, alarm)
                 stat_sum.zero_()
                 steps_in_window, window_start = 0, time.perf_counter()
+                if preemption is not None and not done:
+                    notice = preemption()  # on every rank at the same step: the probe is a barrier under Ray
+                    if notice is not None and log is not None:
+                        log.alarm(images_seen, f"preemption notice: {notice}; writing a just-in-time checkpoint")
 
             if log is not None and crossed(cfg.log.sample_every_images) and not stopping:
                 # G and G_ema side by side in TensorBoard; the PNG shows the one users sample from.
@@ -173,7 +182,7 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                                            f"{cfg.trainer.collective_timeout_s:g} s a rank that finishes its "
                                            f"share first may time out: raise it, or lower eval.samples")
 
-            if crossed(cfg.log.checkpoint_every_images):
+            if crossed(cfg.log.checkpoint_every_images) or notice is not None:
                 # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
                 bad = health.nonfinite_parameters({"G": models.base_module(G), "D": models.base_module(D),
                                                    **({"G_ema": ema.module} if ema is not None else {})})
@@ -201,6 +210,8 @@ def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(path, metrics)
 
+            if notice is not None:
+                raise Preempted(notice, images_seen)
             if stopping:
                 raise Stopped(stop.signum, f"stopped by signal {stop.signum} at {images_seen} images; checkpoint "
                                            f"{checkpoint.path_for(run_dir, images_seen)}; rerun the same command "
