@@ -40,6 +40,7 @@ def test_overrides_apply():
     (["model.z_prior=cauchy"], "model.z_prior"),
     (["train.batch_size=0"], "train.batch_size"),
     (["nokey"], "nokey"),
+    (["trainer.num_workers=2", "trainer.min_workers=3"], "trainer.min_workers: 3 is more than trainer.num_workers"),
 ])
 def test_bad_overrides_name_the_key(override, named):
     with pytest.raises(config.ConfigError, match=named.replace(".", r"\.")):

@@ -92,6 +92,13 @@ def _scalars(run_dir: Path, tag: str = "loss/D") -> list[list[int]]:
     return [[e.step for e in attempt] for attempt in _events(run_dir, tag)]
 
 
+def _alive_workers(address: str) -> list:
+    """Ray Train's worker actors alive on the cluster now."""
+    from ray.util.state import list_actors
+
+    return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
 def _ray_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint files that Ray Train stored (default storage: <run_dir>/ray/<run name>/)."""
     return sorted((run_dir / "ray" / run_dir.name).glob("ckpt-*/checkpoints/ckpt-*.pt"))
@@ -117,8 +124,6 @@ def test_workers_that_do_not_fit_a_local_instance_fail_at_once(mnist_shards, tmp
 def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_cfg):
     """SyncBN + DDP over gloo across two nodes; SIGKILL one worker after the first checkpoint; Ray restarts the
     group from that checkpoint (FailureConfig) and the run ends at exactly train.images."""
-    from ray.util.state import list_actors
-
     from dcgan_dist.distributed import ray_launch
     from dcgan_dist.train.loop import train
 
@@ -142,8 +147,7 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
     thread.start()
     killed, nodes, deadline = None, set(), time.monotonic() + 150
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                                ("state", "=", "ALIVE")])
+        workers = _alive_workers(cluster.address)
         if len(workers) == 2:
             nodes = {w.node_id for w in workers}
             if _ray_checkpoints(run_dir):
@@ -228,8 +232,6 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
     a node joins -> the group grows back to two and the run ends at exactly train.images. Any failure other than
     the preemption fails the run (max_failures=0). Runs last in the module: it leaves the cluster with a new
     second node."""
-    from ray.util.state import list_actors
-
     cluster, _ = two_nodes
     run_dir = tmp_path / "run"
     every, periodic = 8 * GLOBAL_BATCH, 50 * GLOBAL_BATCH  # never the same image count before 6400
@@ -240,10 +242,6 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
                f"log.sample_every_images={target}", f"log.checkpoint_every_images={periodic}", "log.grid_size=16",
                f"run_dir={run_dir}", "trainer.num_workers=2", "trainer.min_workers=1", "trainer.sync_bn=true",
                "trainer.max_failures=0", "trainer.max_preemption_failures=1", "trainer.elastic_check_s=2"]
-
-    def workers():
-        return list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                             ("state", "=", "ALIVE")])
 
     head = cluster.head_node.node_id
     others = {n.node_id: n for n in cluster.list_all_nodes() if n.node_id != head}
@@ -257,7 +255,7 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
         while driver.poll() is None and time.monotonic() < deadline:
             stored = _stored_images(run_dir)
             if "drained" not in seen:
-                group = workers()
+                group = _alive_workers(cluster.address)
                 periodic_ones = [n for n in stored if n % periodic == 0]
                 if len(group) == 2 and periodic_ones:
                     seen["nodes"] = {w.node_id for w in group}

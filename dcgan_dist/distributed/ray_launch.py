@@ -143,8 +143,6 @@ def resolved(cfg: Config) -> Config:
     t = cfg.trainer
     if t.num_workers < 1:
         raise ConfigError(f"trainer.num_workers: {t.num_workers}; Ray needs at least 1 (0 trains without Ray)")
-    if t.min_workers is not None and t.min_workers > t.num_workers:
-        raise ConfigError(f"trainer.min_workers: {t.min_workers} is more than trainer.num_workers={t.num_workers}")
     if t.use_gpu and cfg.train.device == "cpu":
         raise ConfigError("trainer.use_gpu=true with train.device=cpu: NCCL needs the model on the GPU")
     if not t.use_gpu and cfg.train.device == "cuda":
