@@ -77,6 +77,24 @@ def baseline_step_fn(cfg, device):
     return lambda i: base.step(f32[i % len(f32)])
 
 
+# The models the benchmarks compare: the pytorch/examples standard one at 64 and 128 px, and the paper's own
+# (4x4x1024 projection, 5x5 kernels, uniform z), whose model sections the shipped configs hold.
+MODELS = ("standard", "standard_128", "lsun_bedroom_64", "faces_64")
+
+
+def model_overrides(name: str) -> list[str]:
+    """key=value overrides that turn bench_config's standard model into the named one."""
+    if name == "standard":
+        return []
+    if name == "standard_128":
+        return ["model.resolution=128"]
+    if name in MODELS:
+        m = config.load(name).model
+        return [f"model.{key}={getattr(m, key)}" for key in ("resolution", "channels", "nz", "ngf", "ndf",
+                                                              "kernel", "z_prior")]
+    raise SystemExit(f"model {name!r}: choose from {', '.join(MODELS)}")
+
+
 def bench_config(resolution: int, batch: int, device: str, *overrides: str):
     """The standard model (nz 100, widths 64, kernel 4, RGB) at a resolution and batch. The perf switches start
     off, so that a mode is exactly what its overrides say ("auto" would turn the GPU's fast paths on)."""

@@ -111,6 +111,8 @@ class PerfConfig:
     fused_adam: str = "auto"      # fused Adam kernels; auto: on CUDA, not on the CPU
     ddp_bucket_mb: int = 4        # DDP gradient bucket size: small buckets overlap the all-reduce of small models
     cuda_graph: str = "auto"      # the whole step as one CUDA graph; auto: on for CUDA unless the settings forbid it
+    grad_compression: str = "none"  # DDP gradients sent as bf16 or fp16 (half the all-reduce bytes), or "none";
+                                    # docs/cluster.md says when it pays (links slower than the step's compute)
 
 
 @dataclass
@@ -171,6 +173,7 @@ CHOICES: dict[str, tuple] = {
     "eval.generator": ("ema", "raw"),
     "perf.amp": ("auto", "fp32", "bf16", "fp16"),
     "perf.compile": ("none", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "perf.grad_compression": ("none", "bf16", "fp16"),
     "eval.metric": (None, "fid", "coverage"),
     "perf.channels_last": SWITCH, "perf.fused_adam": SWITCH, "perf.cuda_graph": SWITCH,
     "eval.inception_dims": (64, 192, 768, 2048),  # fid.DIMS, not imported: config stays free of torch

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dcgan_dist import config
 from dcgan_dist.shard.run import builtin_shards
+
+
+# The modules that start Ray clusters: one pytest-xdist worker runs them, one after another, first. They use this
+# machine's default Ray ports (`ray up`'s head), a cluster-less test must find no other cluster running (Ray joins
+# any it sees in `ps`), and they spend much of their time waiting for Ray (health checks, restarts, a drain
+# deadline), while the other worker runs the rest of the suite.
+RAY_MODULES = ("test_ray.py", "test_ray_up.py")
+
+
+def _ray_module(nodeid: str) -> bool:
+    return nodeid.split("::", 1)[0].endswith(RAY_MODULES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile (pyproject's addopts), with both Ray modules as one unit: each module runs whole on one
+    worker (its module fixtures are made once), in collection order."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if _ray_module(nodeid) else nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the order below: the Ray unit first, the longest
+    return RayModulesTogether(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not _ray_module(item.nodeid))  # stable: the Ray modules first, else as collected
+
+
+# One torch thread per core and worker: two pytest-xdist workers each running two OpenMP threads on two cores spin
+# against each other (a 45 s training took 220 s). Processes the tests start inherit OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="session")

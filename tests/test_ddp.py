@@ -90,6 +90,47 @@ def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
         assert g_ema_moved > 1e-5
 
 
+def _compression_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    """For each perf.grad_compression: D's gradients on this rank's own batch alone (no_sync), then as DDP
+    averaged them over the ranks, D built and wrapped by build_nets + make_step as train() does."""
+    out = {}
+    for compression in ("none", "bf16", "fp16"):
+        cfg = config.from_dict(cfg_dict)
+        cfg.perf.grad_compression = compression
+        ctx = dist.init("cpu")
+        nets = build_nets(cfg, ctx)
+        make_step(nets, cfg, ctx)
+        x = torch.randn(PER_RANK, 1, 32, 32, generator=torch.Generator().manual_seed(rank))
+        with nets.D.no_sync():
+            nets.D(x).sum().backward()
+        local = [p.grad.clone() for p in nets.D.parameters()]
+        nets.opt_d.zero_grad(set_to_none=False)
+        nets.D(x).sum().backward()
+        out[compression] = {"local": local, "averaged": [p.grad.clone() for p in nets.D.parameters()]}
+    return out
+
+
+def test_grad_compression_all_reduces_in_half_precision(tiny_cfg):
+    """perf.grad_compression=bf16/fp16: DDP's average is exactly what the half-precision all-reduce of the ranks'
+    gradients gives (each rank's bucket cast, halved, summed, cast back to fp32); none: the fp32 average."""
+    ranks = run_ranks(_compression_rank, 2, config.to_dict(tiny_cfg))
+    for compression, dtype in (("none", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        (a, b) = (r[compression]["local"] for r in ranks)
+        got = ranks[0][compression]["averaged"]
+        assert all(torch.equal(g, h) for g, h in zip(got, ranks[1][compression]["averaged"]))  # same on both
+        for g, ga, gb in zip(got, a, b):
+            assert g.dtype == torch.float32
+            want = (ga.to(dtype) / 2 + gb.to(dtype) / 2).float()
+            if compression == "none":
+                assert torch.allclose(g, want, rtol=1e-6, atol=1e-9)
+            else:
+                assert torch.equal(g, want), f"{compression}: max diff {(g - want).abs().max():.3e}"
+    # Compression is visible: the half-precision averages are not the fp32 one.
+    assert any(not torch.equal(c, n) for c, n in zip(ranks[0]["bf16"]["averaged"], ranks[0]["none"]["averaged"]))
+    with pytest.raises(config.ConfigError, match="perf.grad_compression"):
+        config.load(None, ["perf.grad_compression=int8"])
+
+
 def _id_image(i: int) -> bytes:
     """A 32x32 greyscale PNG whose first two pixels spell its sample id."""
     arr = np.zeros((32, 32), np.uint8)

@@ -88,6 +88,10 @@ def test_perf_auto_resolves_to_the_fast_correct_path_per_device():
     compiled = resolve(p("perf.compile=reduce-overhead"), "cuda")
     assert not compiled.cuda_graph and "reduce-overhead" in compiled.notes[0]
     assert resolve(p("perf.compile=default"), "cuda").cuda_graph  # default compile mode makes no graphs itself
+    compressed = resolve(p("perf.grad_compression=bf16"), "cuda")
+    assert not compressed.cuda_graph and "grad_compression=bf16" in compressed.notes[0]
+    assert compressed.grad_compression == "bf16" and "grad_compression bf16" in compressed.describe()
+    assert resolve(p("perf.grad_compression=bf16", "perf.cuda_graph=true"), "cuda").cuda_graph  # explicit wins
     explicit = resolve(p("perf.channels_last=false", "perf.cuda_graph=false", "perf.fused_adam=false"), "cuda")
     assert (explicit.channels_last, explicit.cuda_graph, explicit.fused_adam) == (False, False, False)
     assert resolve(p("perf.channels_last=true", "perf.amp=bf16"), "cpu").channels_last  # explicit wins on the CPU

@@ -129,7 +129,7 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
 
     cluster, _ = two_nodes
     cfg = tiny_cfg
-    target = 200 * GLOBAL_BATCH
+    target = 100 * GLOBAL_BATCH
     cfg.trainer.num_workers, cfg.trainer.sync_bn, cfg.trainer.max_failures = 2, True, 1
     cfg.train.images, cfg.log.every_images = target, 10 * GLOBAL_BATCH
     cfg.log.checkpoint_every_images, cfg.log.sample_every_images = 20 * GLOBAL_BATCH, target
@@ -234,7 +234,7 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
     second node."""
     cluster, _ = two_nodes
     run_dir = tmp_path / "run"
-    every, periodic = 8 * GLOBAL_BATCH, 50 * GLOBAL_BATCH  # never the same image count before 6400
+    every, periodic = 8 * GLOBAL_BATCH, 25 * GLOBAL_BATCH  # never the same image count before 6400
     target = 400 * GLOBAL_BATCH
     command = [sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
                "data.num_workers=0", "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", "train.batch_size=16",

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -158,3 +159,16 @@ def test_resolved_perf_settings_are_printed_and_saved(tiny_cfg, capsys):
     assert "perf: amp fp32, channels_last off, fused_adam off, cuda_graph off" in capsys.readouterr().out
     saved = config.load(Path(tiny_cfg.run_dir) / "config.yaml").perf
     assert (saved.amp, saved.channels_last, saved.fused_adam, saved.cuda_graph) == ("fp32", "false", "false", "false")
+
+
+@pytest.mark.parametrize("n, channels, nrow", [(16, 1, None), (10, 3, 4), (7, 3, None), (3, 1, 8)])
+def test_sample_grids_lay_out_tiles_as_torchvision_does(n, channels, nrow):
+    """grids.grid keeps torchvision's make_grid layout (2-pixel black gaps, greyscale as RGB) without its import."""
+    from torchvision.utils import make_grid
+
+    from dcgan_dist.grids import grid
+    from dcgan_dist.pixels import to_uint8
+
+    images = torch.rand(n, channels, 8, 8, generator=torch.Generator().manual_seed(n)) * 2 - 1
+    want = make_grid(to_uint8(images), nrow=nrow or max(1, int(n ** 0.5)), padding=2).permute(1, 2, 0).numpy()
+    assert np.array_equal(grid(images, nrow), want)

@@ -64,6 +64,10 @@ def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, 
                    bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
         with torch.cuda.stream(side) if side is not None else nullcontext():
             G, D = DDP(G, **ddp), DDP(D, **ddp)
+        hook = perf.comm_hook(cfg.perf.grad_compression)
+        if hook is not None:  # before the first backward, as DDP requires
+            G.register_comm_hook(None, hook)
+            D.register_comm_hook(None, hook)
     nets.G, nets.D = G, D
     if nets.graphed:
         return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side, ema=nets.ema)

@@ -50,11 +50,13 @@ class Resolved:
     fused_adam: bool
     cuda_graph: bool
     notes: tuple[str, ...] = ()  # why an auto setting left a fast path off
+    grad_compression: str = "none"  # DDP's gradient all-reduce dtype: none (fp32), bf16 or fp16
 
     def describe(self) -> str:
         on = lambda b: "on" if b else "off"  # noqa: E731
         return (f"perf: amp {self.amp}, channels_last {on(self.channels_last)}, fused_adam {on(self.fused_adam)}, "
-                f"cuda_graph {on(self.cuda_graph)}" + "".join(f"; {n}" for n in self.notes))
+                f"cuda_graph {on(self.cuda_graph)}, grad_compression {self.grad_compression}"
+                + "".join(f"; {n}" for n in self.notes))
 
 
 def _switch(key: str, value: str) -> bool | None:
@@ -71,8 +73,9 @@ def resolve(p, device_type: str, bf16_supported: bool = True) -> Resolved:
     """The fastest settings that are correct for the device and each other; explicit values always win.
 
     CUDA: bf16 autocast, channels_last, fused Adam and the whole-step CUDA graph; the graph stays off (with the
-    reason noted) under fp16, whose gradient scaler syncs with the host, and under a torch.compile mode that
-    captures CUDA graphs of its own. The CPU: fp32, eager, plain Adam.
+    reason noted) under fp16, whose gradient scaler syncs with the host, under a torch.compile mode that
+    captures CUDA graphs of its own, and under gradient compression (not yet verified inside a capture). The
+    CPU: fp32, eager, plain Adam.
     """
     cuda = device_type == "cuda"
     amp = p.amp if p.amp != "auto" else ("bf16" if cuda and bf16_supported else "fp32")
@@ -86,6 +89,11 @@ def resolve(p, device_type: str, bf16_supported: bool = True) -> Resolved:
             why = "fp16's gradient scaler syncs with the host every step"
         elif cuda and p.compile in ("reduce-overhead", "max-autotune"):
             why = f"perf.compile={p.compile} captures CUDA graphs of its own"
+        elif cuda and p.grad_compression != "none":
+            # DDP's compression hooks are Python futures; whether they replay correctly inside the whole-step
+            # capture has not been measured on a GPU yet (benchmarks/gpu_run.sh checks it): opt in explicitly.
+            why = (f"perf.grad_compression={p.grad_compression} is not yet verified inside the graph "
+                   "(perf.cuda_graph=true tries it)")
         graph = cuda and why is None
         if why:
             notes.append(f"cuda_graph=auto left off: {why}")
@@ -94,7 +102,19 @@ def resolve(p, device_type: str, bf16_supported: bool = True) -> Resolved:
     elif graph and amp == "fp16":
         raise ValueError("perf.cuda_graph=true works with perf.amp fp32 or bf16, not fp16 (its scaler syncs)")
     return Resolved(amp, cuda if channels_last is None else channels_last, cuda if fused is None else fused,
-                    graph, tuple(notes))
+                    graph, tuple(notes), p.grad_compression)
+
+
+def comm_hook(compression: str):
+    """The DDP communication hook for perf.grad_compression: None (DDP's own fp32 all-reduce) or PyTorch's
+    bf16/fp16 compression hook, which casts each gradient bucket, all-reduces it at half the bytes and casts the
+    average back (so optimizers and checkpoints stay fp32)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"none": None, "bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    if compression not in hooks:
+        raise ValueError(f"perf.grad_compression: {compression!r} is not one of {', '.join(hooks)}")
+    return hooks[compression]
 
 
 def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Precision:
