@@ -66,17 +66,23 @@ def photo_crops(n: int, resolution: int, names: tuple[str, ...] = PHOTOS) -> lis
     return crops
 
 
-def photo_shards(outdir: Path, n: int, resolution: int, per_shard: int = 1000) -> Path:
-    """n JPEG (q95) crops of scikit-image's real photographs at resolution x resolution, as shards + manifest."""
+def photo_shards(outdir: Path, n: int, resolution: int, per_shard: int = 1000, fmt: str = "jpg") -> Path:
+    """n crops of scikit-image's real photographs at resolution x resolution, as shards + manifest: JPEG (q95,
+    PIL's defaults) or raw pixels (fmt="raw")."""
     outdir.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, crop in enumerate(photo_crops(n, resolution)):
-        buf = io.BytesIO()
-        Image.fromarray(crop).save(buf, format="JPEG", quality=95)
-        samples.append((f"photo-{i:06d}", {"jpg": buf.getvalue()}))
+        if fmt == "jpg":
+            buf = io.BytesIO()
+            Image.fromarray(crop).save(buf, format="JPEG", quality=95)
+            data = buf.getvalue()
+        else:
+            data = encode(crop, fmt, 0)
+        samples.append((f"photo-{i:06d}", {fmt: data}))
     infos = [writer.write_shard(outdir / writer.shard_name("photos", k // per_shard),
                                    samples[k:k + per_shard]) for k in range(0, n, per_shard)]
-    writer.write_manifest(outdir, infos, source="skimage.data photographs", options={})
+    writer.write_manifest(outdir, infos, source="skimage.data photographs",
+                          options={} if fmt == "jpg" else {"format": fmt})
     return outdir
 
 
@@ -95,19 +101,10 @@ def data_pipeline_rate(cfg, shards_dir: Path, batches: int) -> float:
     return batches * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
-def shards_for(root: Path, fmt: str, n: int, resolution: int, per_shard: int = 1000) -> Path:
-    """n crops of the photographs at resolution x resolution as JPEG (q95) or raw-pixel shards, made once."""
+def shards_for(root: Path, fmt: str, n: int, resolution: int) -> Path:
+    """photo_shards at resolution x resolution in one format, made once under root."""
     outdir = root / f"{fmt}{resolution}"
-    if fmt == "jpg":
-        return outdir if outdir.exists() else photo_shards(outdir, n, resolution, per_shard)
-    if not outdir.exists():
-        outdir.mkdir(parents=True)
-        crops = photo_crops(n, resolution)
-        infos = [writer.write_shard(outdir / writer.shard_name("photos", k // per_shard),
-                                    [(f"photo-{i:06d}", {"raw": encode(crops[i], "raw", 0)})
-                                     for i in range(k, min(k + per_shard, n))]) for k in range(0, n, per_shard)]
-        writer.write_manifest(outdir, infos, source="skimage.data photographs", options={"format": "raw"})
-    return outdir
+    return outdir if outdir.exists() else photo_shards(outdir, n, resolution, fmt=fmt)
 
 
 def model_rows(model: str, args, device, modes, steps, peak, scratch: Path) -> tuple[list, float, int]:

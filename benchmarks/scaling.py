@@ -43,11 +43,8 @@ from dcgan_dist.distributed import context as dist
 from dcgan_dist.train import perf
 from dcgan_dist.train.nets import build_nets, make_step
 
-from train_step import MODELS, model_overrides
+from train_step import MODELS, STANDARD_MODEL, model_overrides, our_step_fn
 
-# The standard model: the pytorch/examples one (train_step.bench_config's), over the default config.
-STANDARD = ["model.resolution=64", "model.channels=3", "model.ngf=64", "model.ndf=64", "model.kernel=4",
-            "model.z_prior=normal"]
 GPUS, LINKS_GBIT = (8, 16, 64), (100, 400)
 
 _SYNCBN_CALLS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single")
@@ -170,13 +167,11 @@ def measure(cfg, world: int, args) -> dict:
 
 def flops_per_image(cfg) -> float:
     """Model FLOPs of one training step per image (FlopCounterMode on a real step of this config, on the CPU)."""
-    ctx = dist.Context(0, 1, 0, torch.device("cpu"))
     small = config.from_dict(config.to_dict(cfg))
     small.train.batch_size, small.train.device, small.perf.amp, small.trainer.sync_bn = 2, "cpu", "fp32", False
-    nets = build_nets(small, ctx)
-    step = make_step(nets, small, ctx)
-    size = (2, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
-    return perf.flops_per_image(lambda: step(torch.zeros(size), torch.zeros(2, cfg.model.nz)), 2)
+    step = our_step_fn(small, torch.device("cpu"))
+    step(0)
+    return perf.flops_per_image(lambda: step(1), 2)
 
 
 def ring_ms(grad_bytes: float, gpus: int, gbit_s: float) -> float:
@@ -191,7 +186,8 @@ def efficiency(compute_ms: float, ar_ms: float) -> tuple[float, float]:
 
 def project(rows: list[dict], args) -> None:
     """The efficiency table for 8/16/64 GPUs over 100/400 Gb/s links, from the measured bytes per step."""
-    standard_flops = flops_per_image(config.load(None, STANDARD + ["train.device=cpu"]))
+    standard_flops = next((r["flops"] for r in rows if r["model"] == "standard"), None) \
+        or flops_per_image(config.load(None, STANDARD_MODEL))
     print(f"\n## Projection: ring all-reduce of the measured bytes, per-rank batch {args.ref_batch}\n")
     if args.ref_from_gpu:
         print("compute ms/step: measured here at world size 1.\n")
@@ -247,12 +243,13 @@ def main() -> None:
         unknown = [m for m in args.models.split(",") if m not in MODELS]
         if unknown:
             raise SystemExit(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(MODELS)}")
-        cfgs = {m: config.load_or_exit(None, STANDARD + model_overrides(m) + extra) for m in args.models.split(",")}
+        cfgs = {m: config.load_or_exit(None, STANDARD_MODEL + model_overrides(m) + extra) for m in args.models.split(",")}
     else:
         cfgs = {Path(args.config).stem if args.config else "mnist_local": config.load_or_exit(args.config, extra)}
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     workers = [int(w) for w in args.workers.split(",")]
     compressions = args.compression.split(",")
+    sync_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.sync_bn]
     if on_gpu and max(workers) > torch.cuda.device_count():
         raise SystemExit(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPUs")
     args.ref_from_gpu = on_gpu and 1 in workers
@@ -270,7 +267,6 @@ def main() -> None:
         flops = flops_per_image(cfg)
         base = ms1 = None
         for world in workers:
-            sync_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.sync_bn]
             for sync_bn in ((False,) if world == 1 else sync_modes):
                 for compression in compressions:
                     cfg.trainer.sync_bn, cfg.perf.grad_compression = sync_bn, compression

@@ -80,6 +80,8 @@ def baseline_step_fn(cfg, device):
 # The models the benchmarks compare: the pytorch/examples standard one at 64 and 128 px, and the paper's own
 # (4x4x1024 projection, 5x5 kernels, uniform z), whose model sections the shipped configs hold.
 MODELS = ("standard", "standard_128", "lsun_bedroom_64", "faces_64")
+# The standard model (pytorch/examples' dcgan) over the default config: 64 px RGB, widths 64, 4x4 kernels.
+STANDARD_MODEL = ["model.resolution=64", "model.channels=3", "model.ngf=64", "model.ndf=64", "model.kernel=4"]
 
 
 def model_overrides(name: str) -> list[str]:
@@ -98,8 +100,7 @@ def model_overrides(name: str) -> list[str]:
 def bench_config(resolution: int, batch: int, device: str, *overrides: str):
     """The standard model (nz 100, widths 64, kernel 4, RGB) at a resolution and batch. The perf switches start
     off, so that a mode is exactly what its overrides say ("auto" would turn the GPU's fast paths on)."""
-    return config.load(None, [f"model.resolution={resolution}", "model.channels=3", "model.ngf=64",
-                              "model.ndf=64", "model.kernel=4", f"train.batch_size={batch}",
+    return config.load(None, [*STANDARD_MODEL, f"model.resolution={resolution}", f"train.batch_size={batch}",
                               f"train.device={device}", "perf.channels_last=false", "perf.cuda_graph=false",
                               *overrides])
 

@@ -108,13 +108,11 @@ def resolve(p, device_type: str, bf16_supported: bool = True) -> Resolved:
 def comm_hook(compression: str):
     """The DDP communication hook for perf.grad_compression: None (DDP's own fp32 all-reduce) or PyTorch's
     bf16/fp16 compression hook, which casts each gradient bucket, all-reduces it at half the bytes and casts the
-    average back (so optimizers and checkpoints stay fp32)."""
+    average back (so optimizers and checkpoints stay fp32). The value is config-validated (config.CHOICES)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    hooks = {"none": None, "bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
-    if compression not in hooks:
-        raise ValueError(f"perf.grad_compression: {compression!r} is not one of {', '.join(hooks)}")
-    return hooks[compression]
+    return {"none": None, "bf16": default_hooks.bf16_compress_hook,
+            "fp16": default_hooks.fp16_compress_hook}[compression]
 
 
 def precision(amp: str, device: torch.device, cuda_graph: bool = False) -> Precision:
