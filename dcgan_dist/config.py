@@ -105,7 +105,8 @@ class TrainerConfig:
 class PerfConfig:
     """Speed options. "auto" resolves to the fastest path that is correct for the device and the other settings
     (train/perf.py: resolve); an explicit value always wins. The resolved values go into the run's config.yaml."""
-    amp: str = "auto"             # auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16, or fp16 with gradient scaling
+    amp: str = "auto"             # auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16, or fp16
+                                  # with gradient scaling
     channels_last: str = "auto"   # NHWC memory format (faster convolutions on tensor cores); auto: on for CUDA
     compile: str = "none"         # torch.compile mode for G and D: none, default, max-autotune, reduce-overhead
     fused_adam: str = "auto"      # fused Adam kernels; auto: on CUDA, not on the CPU

@@ -67,6 +67,7 @@ def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
     """The whole distributed step (SyncBN statistics, D run twice, DDP averaging, Adam) against plain batch 2b."""
     tiny_cfg.trainer.sync_bn = True
     tiny_cfg.train.ema_images = 16  # a short half-life: G_ema moves visibly in three steps
+    tiny_cfg.perf.amp = "fp32"  # the arithmetic of distribution, in float32 and float64: not auto's bf16 on some CPUs
     ranks = run_ranks(_ddp_rank, 2, config.to_dict(tiny_cfg))
     single = dist.Context(0, 1, 0, torch.device("cpu"))
     for dtype, tol in TOLERANCE.items():

@@ -55,16 +55,19 @@ def test_a_raw_sample_of_the_wrong_size_is_caught(tmp_path):
 
 
 def test_training_on_raw_shards_resumes_bit_identically(raw_shards, tmp_path):
+    """Raw shards, and bf16 autocast on the CPU (what perf.amp=auto picks on CPUs with native bf16): a run stopped
+    and resumed ends with the weights of an uninterrupted one."""
     def train(run, images):
         return _cmd("dcgan_dist.train", "--run-dir", str(run), f"data.shards={raw_shards}", "data.builtin=null",
                     "model.ngf=16", "model.ndf=16", "train.batch_size=16", f"train.images={images}",
-                    "log.every_images=160", "log.sample_every_images=100000", "log.checkpoint_every_images=320")
+                    "log.every_images=160", "log.sample_every_images=100000", "log.checkpoint_every_images=320",
+                    "perf.amp=bf16")
 
     assert train(tmp_path / "straight", 640).returncode == 0
     first = train(tmp_path / "twice", 320)
     assert first.returncode == 0, first.stderr
     second = train(tmp_path / "twice", 640)
-    assert second.returncode == 0 and "resumed from" in second.stdout
+    assert second.returncode == 0 and "resumed from" in second.stdout and "perf: amp bf16" in second.stdout
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "twice"))
     assert a["images"] == b["images"] == 640

@@ -188,6 +188,7 @@ def test_ray_job_submit_trains_on_the_cluster(two_nodes, mnist_shards, tmp_path)
         f"log.every_images={10 * GLOBAL_BATCH}", f"log.sample_every_images={target}",
         f"log.checkpoint_every_images={20 * GLOBAL_BATCH}", "log.grid_size=16", f"run_dir={run_dir}",
         "trainer.num_workers=2", "trainer.sync_bn=true",
+        "perf.amp=bf16",  # what auto picks on CPUs with native bf16: synchronised batchnorm under bf16 autocast
     ]
     job = f"dcgan-test-{secrets.token_hex(4)}"
     submit = subprocess.run(
@@ -198,6 +199,7 @@ def test_ray_job_submit_trains_on_the_cluster(two_nodes, mnist_shards, tmp_path)
     assert status == JobStatus.SUCCEEDED and submit.returncode == 0, \
         f"{status}\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
 
+    assert "perf: amp bf16" in submit.stdout, submit.stdout[-3000:]
     assert _scalars(run_dir) == [list(range(10 * GLOBAL_BATCH, target + 1, 10 * GLOBAL_BATCH))]
     stored = _ray_checkpoints(run_dir)
     assert [p.name for p in stored] == [checkpoint.path_for(run_dir, n).name for n in (target // 2, target)]

@@ -72,6 +72,30 @@ def test_two_ranks_equal_batchnorm_on_the_concatenated_batch():
     assert max(diffs.values()) <= 1e-6, diffs
 
 
+def _bf16_rank(rank: int, world_size: int) -> dict:
+    xs, ws, state = _inputs()
+    bn = syncbn.convert(nn.Sequential(nn.BatchNorm2d(C)))[0]
+    bn.load_state_dict(state)
+    return _run(bn, [x.bfloat16() for x in xs], ws, slice(rank * PER_RANK, (rank + 1) * PER_RANK))
+
+
+def test_bf16_inputs_normalise_in_float32_and_come_back_in_bf16():
+    """What bf16 autocast on the CPU hands the batchnorm (perf.amp=bf16, or auto on CPUs with native bf16): the
+    same as plain BatchNorm on the concatenated batch, output and input gradient in bf16, buffers in float32."""
+    ranks = run_ranks(_bf16_rank, 2)
+    xs, ws, state = _inputs()
+    bn = nn.BatchNorm2d(C)
+    bn.load_state_dict(state)
+    ref = _run(bn, [x.bfloat16() for x in xs], ws, slice(None))
+    for r in ranks:
+        assert r["y"][0].dtype == r["dx"][0].dtype == r["y_eval"].dtype == torch.bfloat16
+        assert r["state"]["running_mean"].dtype == torch.float32
+    diffs = _max_diffs(ranks, ref)
+    # Buffers and parameter gradients in float32; outputs and input gradients within bf16's rounding (8 bits).
+    assert max(v for k, v in diffs.items() if "running" in k or "grad" in k and "input" not in k) <= 1e-5, diffs
+    assert diffs["output"] <= 0.04 and diffs["eval output"] <= 0.04 and diffs["input grad"] <= 0.01, diffs
+
+
 def test_large_mean_keeps_precision():
     """Inputs around 1000 (std 3): the merged moments stay as exact as the float64 answer allows in float32."""
     ranks = run_ranks(_rank, 2, 1000.0)

@@ -155,10 +155,13 @@ def test_pipe_urls_train_and_failed_commands_are_skipped(mnist_shards, tmp_path)
 
 
 def test_resolved_perf_settings_are_printed_and_saved(tiny_cfg, capsys):
+    from dcgan_dist.train.perf import cpu_bf16_units
+
+    amp = "bf16" if cpu_bf16_units() else "fp32"  # this CPU's native bf16 decides (perf.resolve)
     train(tiny_cfg)
-    assert "perf: amp fp32, channels_last off, fused_adam off, cuda_graph off" in capsys.readouterr().out
+    assert f"perf: amp {amp}, channels_last off, fused_adam off, cuda_graph off" in capsys.readouterr().out
     saved = config.load(Path(tiny_cfg.run_dir) / "config.yaml").perf
-    assert (saved.amp, saved.channels_last, saved.fused_adam, saved.cuda_graph) == ("fp32", "false", "false", "false")
+    assert (saved.amp, saved.channels_last, saved.fused_adam, saved.cuda_graph) == (amp, "false", "false", "false")
 
 
 @pytest.mark.parametrize("n, channels, nrow", [(16, 1, None), (10, 3, 4), (7, 3, None), (3, 1, 8)])

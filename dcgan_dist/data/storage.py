@@ -8,6 +8,7 @@ server, STORAGE_EMULATOR_HOST does the same for GCS. Nothing here reads a secret
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import subprocess
 import sys
@@ -134,10 +135,12 @@ def tar_samples(url: str, retries: int = 3, backoff: float = 1.0,
     for attempt in range(retries + 1):
         try:
             with open_read(url, timeout) as stream:
-                for j, sample in enumerate(tarread.samples(stream, url)):
-                    if j >= done:
-                        done += 1
-                        yield sample
+                samples = tarread.samples(stream, url)
+                for _ in itertools.islice(samples, done):
+                    pass  # yielded before the failure
+                for sample in samples:
+                    done += 1
+                    yield sample
             return
         except Exception as err:
             if attempt == retries or not _retryable(url, err):

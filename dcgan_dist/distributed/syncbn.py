@@ -73,6 +73,11 @@ class AllReduceBatchNorm(_BatchNorm):
         if not (self.training or self.running_mean is None):
             return super().forward(x)
         self._check_input_dim(x)
+        dtype = x.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            # Under autocast the convolutions hand over half precision; like nn.BatchNorm2d, normalise in float32
+            # (the statistics and buffers stay float32) and give back the input's dtype.
+            return self.forward(x.float()).to(dtype)
         with torch.no_grad():
             mean, var, total = global_moments(x)
             if self.training and self.track_running_stats:

@@ -37,7 +37,8 @@ def build_nets(cfg: Config, ctx: Context) -> Nets:
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
     bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    resolved = perf.resolve(cfg.perf, device.type, bf16_supported=bf16)
+    resolved = perf.resolve(cfg.perf, device.type, bf16_supported=bf16,
+                            cpu_bf16=perf.cpu_bf16_units() if device.type == "cpu" else None)
     fmt = perf.memory_format(resolved.channels_last)
     G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
     if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
