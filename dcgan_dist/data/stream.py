@@ -88,22 +88,14 @@ class ShardStream(IterableDataset):
 
     def _read(self, sources: Iterator[tuple[str, int, int | None]]) -> Iterator[dict]:
         for url, first, stop in sources:
-            got = 0
+            got = False
             try:
-                samples = storage.tar_samples(url, **self.read_options)
-                if first == 0 and stop is None:  # whole shards (always, with resampling): the loader's hot path
-                    sample = next(samples, None)
-                    if sample is not None:
-                        got = 1
-                        yield sample
-                        yield from samples  # delegated in C: one Python loop less per sample
-                    continue
-                for j, sample in enumerate(samples):
-                    if stop is not None and j >= stop:
-                        break
-                    if j >= first:
-                        got += 1
-                        yield sample
+                samples = itertools.islice(storage.tar_samples(url, **self.read_options), first, stop)
+                sample = next(samples, None)
+                if sample is not None:
+                    got = True
+                    yield sample
+                    yield from samples  # delegated in C: no Python loop of ours per sample
             except Exception as err:  # missing, unreadable, truncated or still failing after retries: counted
                 self.bad_shards += 1
                 print(f"dcgan_dist.data: skipping shard {url}: {type(err).__name__}: {err}", file=sys.stderr)
