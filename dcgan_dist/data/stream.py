@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config
-from . import storage
-from .images import decode_image, image_field
+from . import heap, storage
+from .images import decode_image, image_field, raw_prefix
 from .shardset import ShardSet
 
 _MAX_REPORTED = 20  # corrupt samples named on stderr per worker; the rest are only counted
@@ -116,11 +116,19 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decoded(self, samples: Iterator[dict]) -> Iterator[np.ndarray | None]:
-        """Decoded images; None stands for a corrupt sample, so that skips are counted where they happen."""
+    def _decoded(self, samples: Iterator[dict]) -> Iterator[np.ndarray | memoryview | None]:
+        """Decoded images, or the pixel bytes of raw samples already at the batch's shape (no copy, no array);
+        None stands for a corrupt sample, so that skips are counted where they happen."""
+        prefix = raw_prefix(self.resolution, self.channels)
+        start, raw_size = len(prefix), len(prefix) + self.resolution ** 2 * self.channels
         for sample in samples:
             try:
-                image = decode_image(image_field(sample), self.resolution, self.channels)
+                data = image_field(sample)
+                if len(data) == raw_size and data.startswith(prefix):
+                    self.decoded = True
+                    yield memoryview(data)[start:]
+                    continue
+                image = decode_image(data, self.resolution, self.channels)
             except Exception as err:
                 self.corrupt += 1
                 if len(self.reasons) < 3:
@@ -161,16 +169,22 @@ class ShardStream(IterableDataset):
     def _pass_batches_from(self, samples: Iterator[dict], done: int) -> Iterator[tuple[torch.Tensor, int, int]]:
         images = self._decoded(samples)
         shape = (self.batch_size, self.resolution, self.resolution, self.channels)
+        size = self.resolution ** 2 * self.channels
         for _ in range(self.steps_per_pass // self.streams - done):
-            # Each image is copied once, into its batch (np.stack's per-array views cost 4 us an image here).
+            # Each image is copied once, into its batch (np.stack's per-array views cost 4 us an image here);
+            # raw pixels go in as bytes, through a flat view of the batch.
             batch, filled, skipped, bad_before = np.empty(shape, np.uint8), 0, 0, self.bad_shards
+            flat = memoryview(batch).cast("B")
             while filled < self.batch_size:
                 img = next(images)
                 if img is None:
                     skipped += 1
+                    continue
+                if type(img) is memoryview:
+                    flat[filled * size:(filled + 1) * size] = img
                 else:
                     batch[filled] = img
-                    filled += 1
+                filled += 1
             yield torch.from_numpy(batch), skipped, self.bad_shards - bad_before  # NHWC: no transposing copy
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -178,6 +192,7 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.streams:
             raise RuntimeError(f"ShardStream was built for {self.streams} loader workers, runs with {workers}")
+        heap.keep_freed_memory()  # in the loader worker (or the trainer, without workers): see data/heap.py
         self.corrupt = self.bad_shards = 0
         self.decoded, self.reasons = False, []
         # Twice the data set (every sample seen at least once, whatever the draws) or _MAX_UNDECODED, if fewer.
