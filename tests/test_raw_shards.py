@@ -87,8 +87,8 @@ def test_raw_pixels_enter_batches_exactly_as_decoded_images(tmp_path):
 
 
 def test_the_loader_reuses_its_heap(raw_shards):
-    """data/heap.py: a loader on raw shards seldom touches a fresh page (glibc's defaults cost 3-4 page faults an
-    image at 64 px, half a raw sample's time); a user's own MALLOC_* setting is left alone."""
+    """data/heap.py: a loader on raw shards seldom touches a fresh page (glibc's thresholds cost about one page
+    fault an image at 64 px, 3-4 with its 128 KiB starting ones); a user's own MALLOC_* setting is left alone."""
     probe = (
         "import resource, sys\n"
         "from dcgan_dist import config\n"
