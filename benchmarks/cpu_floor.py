@@ -48,9 +48,11 @@ def main() -> None:
         per_image = counter.get_total_flops() / cfg.train.batch_size
         sec = time_steps(step, torch.device("cpu"), 2, args.steps)
         rows.append((amp, per_image, cfg.train.batch_size / sec, gemm_flops_per_s(dtype), cfg.train.images))
+    m = cfg.model
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, native bf16: "
-          f"{cpu_bf16_units() or 'none'}; torch {torch.__version__}; the embedded default "
-          f"(32x32 greyscale, widths 64, batch 64), median of 3 x {args.steps} steps\n")
+          f"{cpu_bf16_units() or 'none'}; torch {torch.__version__}; the embedded default ({m.resolution}x"
+          f"{m.resolution}x{m.channels}, widths {m.ngf}/{m.ndf}, batch {cfg.train.batch_size}), median of 3 x "
+          f"{args.steps} steps\n")
     print("| precision | GFLOP an image | our step, images/s | our step, GFLOP/s | matrix multiply, GFLOP/s | "
           "default run at our step | floor at the matrix multiply's speed |\n| --- | --- | --- | --- | --- | "
           "--- | --- |")

@@ -200,10 +200,7 @@ def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
 
 def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
     """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
-    if data.startswith(RAW_MAGIC):  # the loader's fastest format: straight to its pixels
-        arr = decode_raw(data)
-    else:
-        arr, _ = decode(data, min_side=resolution)
+    arr, _ = decode(data, min_side=resolution)
     if arr.shape[2] != channels:
         img = _pil(arr).convert("L" if channels == 1 else "RGB")
         arr = np.asarray(img).reshape(*arr.shape[:2], channels)

@@ -125,10 +125,9 @@ class ShardStream(IterableDataset):
             try:
                 data = image_field(sample)
                 if len(data) == raw_size and data.startswith(prefix):
-                    self.decoded = True
-                    yield memoryview(data)[start:]
-                    continue
-                image = decode_image(data, self.resolution, self.channels)
+                    image = memoryview(data)[start:]
+                else:
+                    image = decode_image(data, self.resolution, self.channels)
             except Exception as err:
                 self.corrupt += 1
                 if len(self.reasons) < 3:
