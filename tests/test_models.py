@@ -127,3 +127,23 @@ def test_shipped_gpu_configs_need_no_perf_flags():
     for name in ("lsun_bedroom_64", "faces_64"):
         r = resolve(config.load(config.find(name)).perf, "cuda")
         assert (r.amp, r.channels_last, r.fused_adam, r.cuda_graph) == ("bf16", True, True, True), name
+
+
+def test_cpu_floor_benchmark_as_the_readme_gives_it():
+    """`python benchmarks/cpu_floor.py`: one real step's arithmetic (FlopCounterMode, exact for the default
+    model), our step's rate and the CPU's matrix-multiply speed, and the floor they give the default run."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "benchmarks/cpu_floor.py"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| fp32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.376"  # GFLOP an image: G and D at 32x32x1, widths 64, forward and backward
+    step_ips, floor = float(cells[2]), float(cells[6].removesuffix(" s"))
+    assert step_ips > 0 and 0 < floor <= 150000 / step_ips  # our step cannot beat the multiply's speed
+    assert re.search(r"floor of the default run on this CPU \((fp32|bf16)\): \d+ s$", r.stdout.strip())
