@@ -193,7 +193,7 @@ def project(rows: list[dict], args) -> None:
         print("compute ms/step: measured here at world size 1.\n")
     else:
         print(f"compute ms/step: the standard model's {args.ref_step_ms:.2f} ms (H200, bf16 + whole-step graph, "
-              f"batch {args.ref_batch}; {standard_flops / 1e9:.2f} GFLOP per image), scaled by each model's FLOPs "
+              f"batch {args.ref_batch}, torch 2.11 at commit 3ee149d, before G_ema; {standard_flops / 1e9:.2f} GFLOP per image), scaled by each model's FLOPs "
               "per image (the same MFU).\n")
     head = " | ".join(f"{n} GPUs @ {g} Gb/s" for n in GPUS for g in LINKS_GBIT)
     print(f"| model | compression | MB/step | compute ms | {head} |")
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker on the CPU")
     parser.add_argument("--ref-step-ms", type=float, default=1e3 * 128 / 50_100,
                         help="projection compute time of the standard model per step on a GPU (H200: 50.1k "
-                             "img/s at batch 128)")
+                             "img/s at batch 128, torch 2.11 at commit 3ee149d, before G_ema)")
     parser.add_argument("--ref-batch", type=int, default=128, help="per-rank batch the projection assumes")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.batch_size=64")
     args = parser.parse_args()

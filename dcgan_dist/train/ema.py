@@ -6,8 +6,9 @@ weight's share halves every `train.ema_images` images (default global batch x 10
 the half-life is at most `train.ema_rampup` x images seen: at the start G_ema is G, and G's random
 initialisation is forgotten as fast as training moves.
 
-The update is two foreach kernels over device tensors, beta included, so it runs inside the whole-step CUDA graph
-with no host synchronisation; the host computes beta and writes it into its device tensor before each step. Under
+The update is a few foreach kernels over device tensors, its weight included, so it runs inside the whole-step
+CUDA graph with no host read (tests/test_host_reads.py counts them); the host computes beta and writes it into its
+device tensor before each step, so every replay of the graph uses that step's beta. Under
 DDP every rank averages its own G, which the all-reduced step keeps identical on every rank, so every rank holds
 the same G_ema without a collective. G_ema never feeds back into training: runs with and without it train the
 same G and D.
@@ -64,7 +65,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self._pairs[0], self._pairs[1], self.weight)
+        """G_ema += w * (G - G_ema), w read on the device: no host read, so a CUDA graph replays each step's w."""
+        # Not _foreach_lerp_(ema, G, weight): it has no tensor-weight overload (List, Scalar, ScalarList only), so
+        # a 0-dim tensor becomes a Python number through .item(), a host sync every step that a graph capture
+        # refuses. _foreach_mul_'s Tensor overload is the one capturable Adam relies on for the same reason.
+        ema, params = self._pairs
+        delta = torch._foreach_sub(params, ema)
+        torch._foreach_mul_(delta, self.weight)
+        torch._foreach_add_(ema, delta)
         torch._foreach_copy_(*self._buffers)  # "recompute" replaces them at each use: see for_sampling
 
     def for_sampling(self) -> nn.Module:

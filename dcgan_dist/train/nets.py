@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -32,13 +33,19 @@ class Nets:
     ema: ema_mod.EMA | None = None  # G_ema (None when train.ema_images is 0)
 
 
-def build_nets(cfg: Config, ctx: Context) -> Nets:
-    """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers."""
+def resolve_perf(cfg: Config, device: torch.device) -> perf.Resolved:
+    """cfg.perf with every "auto" decided for this device (its bf16 support, the CPU's bf16 instructions)."""
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return perf.resolve(cfg.perf, device.type, bf16_supported=bf16,
+                        cpu_bf16=perf.cpu_bf16_units() if device.type == "cpu" else None)
+
+
+def build_nets(cfg: Config, ctx: Context, resolved: perf.Resolved | None = None) -> Nets:
+    """The paper's G and D on the device (same initial weights on every rank) with their Adam optimizers, set up
+    as `resolved` says (default: resolve_perf for ctx.device)."""
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
-    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    resolved = perf.resolve(cfg.perf, device.type, bf16_supported=bf16,
-                            cpu_bf16=perf.cpu_bf16_units() if device.type == "cpu" else None)
+    resolved = resolved or resolve_perf(cfg, device)
     fmt = perf.memory_format(resolved.channels_last)
     G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
     if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
@@ -51,17 +58,26 @@ def build_nets(cfg: Config, ctx: Context) -> Nets:
     return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), graphed, resolved, ema)
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP's switch for no buffer broadcast before each forward: forward_sync_buffers=False where torch has it (it
+    deprecates broadcast_buffers in 2.14 and, like it, still syncs once at construction, when every rank holds the
+    same buffers anyway), broadcast_buffers=False on older torch."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Wrap G and D (torch.compile, then DDP) and return step(real, z) -> statistics, graphed if configured."""
     torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # shapes never change: pick the fastest kernels
     G, D = perf.compiled(nets.G, cfg.perf.compile), perf.compiled(nets.D, cfg.perf.compile)
     side = torch.cuda.Stream() if nets.graphed else None  # whole-step capture wants DDP built on its stream
     if ctx.distributed:
-        # broadcast_buffers=False: D runs twice before its backward (see step.py); with synchronised BN
+        # No buffer broadcast in forward: D runs twice before its backward (see step.py); with synchronised BN
         # the running statistics are identical on every rank anyway. Small buckets let the all-reduce of
         # these small models overlap their backward.
         device = ctx.device
-        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, **_no_forward_buffer_sync(),
                    bucket_cap_mb=cfg.perf.ddp_bucket_mb, gradient_as_bucket_view=True)
         with torch.cuda.stream(side) if side is not None else nullcontext():
             G, D = DDP(G, **ddp), DDP(D, **ddp)

@@ -1,8 +1,9 @@
 """One DCGAN training step, written as the two phases of the paper's algorithm.
 
 D and G may be DistributedDataParallel wrappers. D runs twice (real, then fake) before its one backward, so D's
-DDP wrapper must be built with broadcast_buffers=False (a second forward would otherwise overwrite batchnorm
-buffers in place that autograd still needs, PyTorch issue 22095). In the G phase, D is called through its inner
+DDP wrapper must not broadcast buffers before each forward (forward_sync_buffers=False, broadcast_buffers=False
+before torch 2.14: a second forward would otherwise overwrite batchnorm buffers in place that autograd still needs,
+PyTorch issue 22095). In the G phase, D is called through its inner
 module with its parameters frozen: no D weight gradients are computed and no DDP reduction is started for them.
 """
 
