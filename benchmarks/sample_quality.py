@@ -72,16 +72,16 @@ def main() -> None:
 
 def generators(path: str):
     """(name, G in eval mode, model config) for G and, if the checkpoint has one, G_ema under each BN choice."""
-    state = checkpoint.load(checkpoint.latest(path) or path)
-    cfg = from_dict(state["config"])
+    record = checkpoint.load(checkpoint.latest(path) or path)
+    cfg = from_dict(record.config)
     g = models.Generator(cfg.model)
-    g.load_state_dict(state["G"])
+    g.load_state_dict(record.G)
     yield "G", g.eval(), cfg.model
-    if "G_ema" not in state:
+    if record.G_ema is None:
         return
     ema = models.Generator(cfg.model)
-    buffers = {k: v for k, v in state["G"].items() if "running" in k or "num_batches" in k}
-    ema.load_state_dict({**state["G_ema"], **buffers})  # G's running statistics: train.ema_bn=copy
+    buffers = {k: v for k, v in record.G.items() if "running" in k or "num_batches" in k}
+    ema.load_state_dict({**record.G_ema, **buffers})  # G's running statistics: train.ema_bn=copy
     yield "G_ema (BN copied from G)", ema.eval(), cfg.model
     cfg.train.ema_bn = "recompute"
     yield "G_ema (standing BN statistics)", for_sampling(ema, cfg), cfg.model

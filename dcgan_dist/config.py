@@ -61,8 +61,8 @@ class TrainConfig:
     lr_d: float = 2e-4            # Adam learning rate for D (the paper: 0.0002)
     lr_g: float = 2e-4            # Adam learning rate for G
     beta1: float = 0.5            # the paper: 0.5 (0.9 oscillated)
-    beta2: float = 0.999
-    seed: int = 0
+    beta2: float = 0.999          # Adam's second-moment decay: PyTorch's default (the paper changed only beta1)
+    seed: int = 0                 # weights' init, latent draws, data order, the fixed grid: same seed, same run
     device: str = "auto"          # auto, cpu, cuda
     on_nonfinite: str = "rollback"  # a NaN/Inf loss or weight: "rollback" to the newest checkpoint with new
                                     # latent draws (up to max_rollbacks times), or "stop"
@@ -78,7 +78,7 @@ class TrainConfig:
 class LogConfig:
     every_images: int = 5_000         # scalars to TensorBoard and the terminal
     sample_every_images: int = 20_000  # fixed-noise sample grid
-    checkpoint_every_images: int = 20_000
+    checkpoint_every_images: int = 20_000  # a checkpoint (checkpoint.py) whenever a multiple is crossed
     keep_checkpoints: int = 3         # newest K kept, older ones deleted
     keep_every_images: Optional[int] = None  # also keep forever the first checkpoint past every multiple of this
     grid_size: int = 64               # images in each sample grid
@@ -90,7 +90,8 @@ class TrainerConfig:
     use_gpu: bool = False     # one GPU per worker and NCCL; false: CPU workers over gloo
     sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
     cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
-    max_failures: int = 0     # Ray FailureConfig: restarts of the worker group from the last checkpoint
+    max_failures: Optional[int] = None  # Ray FailureConfig: restarts of the worker group from the last checkpoint
+                              # (-1: no limit); null: 3 for an elastic group (min_workers), 0 otherwise
     min_workers: Optional[int] = None  # elastic group of min_workers..num_workers ranks (docs/cluster.md); null: fixed
     elastic_check_s: float = 60.0      # how often an elastic group looks for room to grow (a regrowth restarts it)
     max_preemption_failures: int = -1  # restarts after a node preemption notice, counted apart; -1: unlimited
@@ -141,7 +142,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # checkpoints, TensorBoard, samples, config.yaml; the same run_dir resumes
 
 
 SWITCH = ("auto", "true", "false", "True", "False")  # YAML's true/false reach a str key as "True"/"False"

@@ -2,7 +2,9 @@
 
 Every writer of the project that must survive a kill or a full disk (checkpoints, shards, manifests, progress
 records, configs) goes through atomic_open, so there is one durability rule: after it returns, the file and its
-name are on disk. Temporary names carry TMP_TAG and the writer's pid, so clean-up removes only our own leftovers.
+name are on disk. Temporary names carry TMP_TAG (and the writer's pid, so that writers never collide): clean-up
+removes every tagged file under a folder, whichever process left it, and nothing else. So it is for a folder the
+caller alone writes to, as the shard tool's locked OUTDIR.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ TMP_TAG = ".dcgan-tmp-"
 def temporary_name(path: Path) -> Path:
     """A hidden sibling of path, unique to this process and call."""
     return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def is_temporary(name: str) -> bool:
-    return TMP_TAG in name
 
 
 def fsync_dir(directory: Path) -> None:
@@ -67,7 +65,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def remove_temporaries(directory: str | Path) -> int:
-    """Delete the temporaries that killed writers left under directory (ours only); return how many."""
+    """Delete the temporaries that killed writers of any process left under directory; return how many."""
     removed = 0
     for p in Path(directory).rglob(f"*{TMP_TAG}*"):
         if p.is_file():

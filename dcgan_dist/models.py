@@ -20,11 +20,9 @@ from torch import nn
 from .config import ModelConfig
 
 
-def _num_ups(resolution: int) -> int:
-    n = int(math.log2(resolution // 4))
-    if 4 * 2 ** n != resolution:
-        raise ValueError(f"resolution {resolution} is not 4 times a power of two")
-    return n
+def _num_doublings(resolution: int) -> int:
+    """How often the size doubles between 4x4 and resolution: G's upsamplings, and D's downsamplings."""
+    return int(math.log2(resolution // 4))
 
 
 def _up(cin: int, cout: int, kernel: int) -> nn.ConvTranspose2d:
@@ -43,7 +41,7 @@ class Generator(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        n = _num_ups(cfg.resolution)
+        n = _num_doublings(cfg.resolution)
         widths = [cfg.ngf * 2 ** i for i in reversed(range(n))]  # e.g. 512, 256, 128, 64 at 64x64
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(cfg.nz, widths[0], 4, 1, 0, bias=False),  # the projection of z to 4x4
@@ -65,7 +63,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        n = _num_ups(cfg.resolution)
+        n = _num_doublings(cfg.resolution)
         widths = [cfg.ndf * 2 ** i for i in range(n)]  # e.g. 64, 128, 256, 512 at 64x64
         layers: list[nn.Module] = [_down(cfg.channels, widths[0], cfg.kernel), nn.LeakyReLU(0.2, True)]  # no BN
         for cin, cout in zip(widths, widths[1:]):
@@ -124,7 +122,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def decode(g: nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def generate_images(g: nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """G(z) for latent vectors z, in batches on G's device; the images come back on the CPU."""
     device = next(g.parameters()).device
     return torch.cat([g(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(z), batch_size)])
@@ -132,7 +130,7 @@ def decode(g: nn.Module, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor
 
 def generate(g: nn.Module, cfg: ModelConfig, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
     """n samples in [-1, 1] on the CPU, from latent draws fixed by seed."""
-    return decode(g, sample_z(n, cfg, generator=torch.Generator().manual_seed(seed)), batch_size)
+    return generate_images(g, sample_z(n, cfg, generator=torch.Generator().manual_seed(seed)), batch_size)
 
 
 @torch.no_grad()

@@ -139,3 +139,17 @@ def test_shipped_config_by_name():
     assert config.find("faces_64.yaml") == config.CONFIG_DIR / "faces_64.yaml"
     with pytest.raises(config.ConfigError, match="shipped configs: .*mnist_local"):
         config.find("no_such_config")
+
+
+def test_an_elastic_group_restarts_after_a_lost_node_by_default():
+    """trainer.max_failures unset: 3 restarts for an elastic group (losing a node is what it is for), none for a
+    fixed one; an explicit value always wins."""
+    from dcgan_dist.distributed.ray_launch import resolved
+
+    def failures(*overrides: str) -> int:
+        return resolved(config.load(None, ["trainer.num_workers=2", *overrides])).trainer.max_failures
+
+    assert failures("trainer.min_workers=1") == 3
+    assert failures() == 0 and failures("trainer.min_workers=2") == 0  # min == num: not elastic
+    assert failures("trainer.min_workers=1", "trainer.max_failures=0") == 0
+    assert failures("trainer.max_failures=5") == 5

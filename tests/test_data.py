@@ -1,4 +1,5 @@
-"""The shard stream on real MNIST shards: shapes, determinism, exact resume, corrupt input, clear errors."""
+"""The shard stream on real MNIST shards: shapes, determinism, exact resume, corrupt input, clear errors; and
+evaluation's front-to-back reads (data/load.py)."""
 
 import io
 import itertools
@@ -45,6 +46,34 @@ def test_resolve_errors_name_the_spec(spec, match):
 def test_empty_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         resolve(str(tmp_path))
+
+
+def _opened_shards(monkeypatch) -> list[str]:
+    """The list that every shard read from now on is appended to, in order."""
+    from dcgan_dist.data import storage
+
+    opened, tar_samples = [], storage.tar_samples
+
+    def recording(url, *args, **kwargs):
+        opened.append(url)
+        return tar_samples(url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "tar_samples", recording)
+    return opened
+
+
+def test_evaluation_reads_open_only_the_shards_they_need(mnist_shards, monkeypatch):
+    from dcgan_dist.data import load
+
+    opened = _opened_shards(monkeypatch)
+    urls = resolve(str(mnist_shards)).urls  # 10 shards of 500
+    assert len(load.load_images(str(mnist_shards), 32, 1, limit=100)) == 100 and opened == urls[:1]
+    opened.clear()
+    assert len(load.load_images(str(mnist_shards), 32, 1, limit=500)) == 500 and opened == urls[:1]
+    opened.clear()
+    part = torch.cat(list(load.image_batches(str(mnist_shards), 32, 1, 64, start=1200, stop=1300)))
+    assert opened == urls[2:3]  # shards 0 and 1 end before image 1200: skipped by their counts, unopened
+    assert torch.equal(part, load.load_images(str(mnist_shards), 32, 1, limit=1300)[1200:])
 
 
 def test_batches_shape_range_and_pass_length(mnist_shards):
@@ -133,6 +162,19 @@ def test_same_seed_same_stream_other_seed_other_stream(mnist_shards):
     b = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
     c = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0", "train.seed=1"), 0, 1)))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_every_pass_reads_every_shard_once_in_a_new_order(mnist_shards, monkeypatch):
+    opened = _opened_shards(monkeypatch)
+    cfg = _cfg(mnist_shards, "data.num_workers=0", "data.resample=false", "train.batch_size=250")
+    ds = stream.ShardStream(resolve(cfg.data.shards), cfg, rank=0, world_size=1)
+    batches, orders = iter(ds), []
+    for _ in range(3):
+        opened.clear()
+        _take(batches, ds.steps_per_pass)
+        orders.append(list(opened))
+    assert all(sorted(order) == ds.shards.urls for order in orders)
+    assert len({tuple(order) for order in orders}) == 3  # a pass that reused another's order would repeat it
 
 
 def _jpeg(array):

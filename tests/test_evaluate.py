@@ -4,10 +4,13 @@ evaluation run during training (TensorBoard scores, best checkpoint)."""
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -102,7 +105,8 @@ def test_nearest_grid_with_distances_in_both_spaces(trained_run, mnist_shards, t
     assert record["n_bank"] == 280 and record["n_heldout_real"] == 20
     for space in ("pixel", "D_feature"):
         s = record["summary"][space]
-        assert s["generated_median"] > 0 and s["heldout_real_median"] > 0 and s["ratio"] > 0
+        assert s["generated_median"] > 0 and s["heldout_real_median"] > 0
+        assert s["ratio"] == pytest.approx(s["generated_median"] / s["heldout_real_median"])
     assert len(record["shown"]) == 3
     for shown in record["shown"]:
         d = shown["pixel"]["distances"]
@@ -118,7 +122,10 @@ def test_coverage_reports_shares_entropy_confidence_and_logs_to_tensorboard(trai
     assert record == _json(out, "coverage") and (out / "coverage-samples.png").exists()
     assert record["n"] == 200 and len(record["shares"]) == 10
     assert sum(record["shares"]) == pytest.approx(1, abs=1e-3)
-    assert 0 <= record["entropy"] <= record["max_entropy"] and 0.1 <= record["mean_confidence"] <= 1
+    shares = torch.tensor([s for s in record["shares"] if s > 0], dtype=torch.float64)  # rounded to 4 digits
+    assert record["entropy"] == pytest.approx(float(-(shares * shares.log()).sum()), abs=1e-3)
+    assert record["max_entropy"] == pytest.approx(math.log(10)) and 0.1 <= record["mean_confidence"] <= 1
+    assert record["score"] == pytest.approx(record["entropy"] / record["max_entropy"] * record["mean_confidence"])
     assert record["judge"]["n_heldout"] == 200 and record["judge"]["heldout_accuracy"] > 0.6  # real digits
     acc = EventAccumulator(str(trained_run / "tb"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
@@ -127,16 +134,58 @@ def test_coverage_reports_shares_entropy_confidence_and_logs_to_tensorboard(trai
     assert "eval/coverage/samples" in acc.Tags()["images"]
 
 
-def test_fid_and_kid_end_to_end_with_a_random_inception(trained_run, mnist_shards, random_inception, tmp_path):
+def _numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook Fréchet distance with scipy's general matrix square root (what pytorch-fid computes)."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def _numpy_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-sized sets with the cubic kernel (a.b / d + 1)^3 (Binkowski et al. 2018)."""
+    m, d = a.shape
+    kaa, kbb, kab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    return float((kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1)) - 2 * kab.mean())
+
+
+def _numpy_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkäänniemi et al.: the share of each set inside the union of the other's k-nearest-neighbour balls."""
+    def inside(points, centres):
+        radii = np.sort(np.linalg.norm(centres[:, None] - centres[None], axis=2), axis=1)[:, k]  # [:, 0]: itself
+        return float((np.linalg.norm(points[:, None] - centres[None], axis=2) <= radii).any(1).mean())
+
+    return inside(fake, real), inside(real, fake)
+
+
+def test_fid_kid_and_pr_commands_report_what_their_features_give(trained_run, mnist_shards, random_inception,
+                                                                    tmp_path):
+    """Each score recomputed in numpy from the same Inception features: 12 generated and 12 real images, so one
+    KID subset holds both whole sets."""
+    from dcgan_dist.checkpoint import load_networks
+    from dcgan_dist.evaluate.cli import _parser
+    from dcgan_dist.evaluate.commands import _inception_features
+
     common = [str(trained_run), "--shards", str(mnist_shards), "--inception-weights", str(random_inception),
-              "--n", "12", "--real-limit", "16", "--dims", "64", "--out", str(tmp_path)]
+              "--n", "12", "--real-limit", "12", "--dims", "64", "--reference-cache", "off", "--out", str(tmp_path)]
+    real_f, fake_f, _ = _inception_features(_parser().parse_args(["fid", *common]), load_networks(trained_run))
+    real, fake = real_f.numpy(), fake_f.numpy()
+    assert real.shape == fake.shape == (12, 64)
+
     record = main(["fid", *common])
-    assert record["n_generated"] == 12 and record["n_real"] == 16 and record["dims"] == 64
-    assert record["fid"] > 0 and "note" in record  # 12 samples < 64 dims: the bias is pointed out
+    assert record["n_generated"] == 12 and record["n_real"] == 12 and record["dims"] == 64
+    assert record["fid"] == pytest.approx(_numpy_fid(real, fake), rel=1e-6)
+    assert "note" in record  # 12 samples < 64 dims: the bias is pointed out
     assert record["scalars"] == {"fid": record["fid"], "n_generated": 12}
-    kid = main(["kid", *common, "--subsets", "5", "--subset-size", "10"])
-    assert kid["subset_size"] == 10 and kid["n_generated"] == 12 and kid["kid_std"] >= 0
-    assert torch.isfinite(torch.tensor(kid["kid"]))
+
+    whole = main(["kid", *common, "--subsets", "1"])
+    assert whole["subset_size"] == 12 and whole["kid_std"] == 0
+    assert whole["kid"] == pytest.approx(_numpy_kid(real, fake), rel=1e-6)
+    sampled = main(["kid", *common, "--subsets", "5", "--subset-size", "10"])
+    assert sampled["subset_size"] == 10 and sampled["kid_std"] > 0 and sampled["kid"] != whole["kid"]
+
+    pr = main(["pr", *common])
+    assert (pr["precision"], pr["recall"]) == pytest.approx(_numpy_precision_recall(real, fake, 3))
+    assert json.loads((tmp_path / "pr.json").read_text())["scalars"]["precision"] == pr["precision"]
 
 
 def test_fid_states_its_protocol_and_caches_the_reference_under_it(trained_run, mnist_shards, random_inception,
@@ -162,14 +211,6 @@ def test_fid_states_its_protocol_and_caches_the_reference_under_it(trained_run, 
     assert raw["generator"] == "G" and raw["protocol"]["cached"] and raw["fid"] != first["fid"]
 
 
-def test_precision_recall_command(trained_run, mnist_shards, random_inception, tmp_path):
-    record = main(["pr", str(trained_run), "--shards", str(mnist_shards), "--inception-weights",
-                   str(random_inception), "--n", "12", "--real-limit", "16", "--dims", "64",
-                   "--reference-cache", "off", "--out", str(tmp_path)])
-    assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1 and record["k"] == 3
-    assert json.loads((tmp_path / "pr.json").read_text())["scalars"]["precision"] == record["precision"]
-
-
 def test_fid_under_torchrun_shares_the_work_and_gives_the_same_score(trained_run, mnist_shards, random_inception,
                                                                       tmp_path):
     """docs/evaluate.md's torchrun form: each of 2 ranks embeds half of the samples and of the reference."""
@@ -189,6 +230,36 @@ def test_fid_under_torchrun_shares_the_work_and_gives_the_same_score(trained_run
     assert two["ranks"] == 2 and two["n_generated"] == 12 and two["n_real"] == 16
     assert two["fid"] == pytest.approx(single["fid"], rel=1e-4)
     assert r.stdout.count("protocol:") == 1  # rank 0 reports
+
+
+def test_the_reference_is_read_and_embedded_a_batch_at_a_time(mnist_shards, random_inception, monkeypatch):
+    """Bounded memory: the real images are decoded only as Inception asks for them, one batch at a time, and give
+    the features of the whole set embedded at once."""
+    from dcgan_dist.data import storage
+    from dcgan_dist.data.load import load_images
+    from dcgan_dist.evaluate import fid, reference
+
+    net = fid.load_inception(random_inception, 64)
+    read, calls = [0], []  # samples read from the shards; (images embedded, samples read by then) per call
+    tar_samples, inception_features = storage.tar_samples, fid.inception_features
+
+    def counting(url, *args, **kwargs):
+        for sample in tar_samples(url, *args, **kwargs):
+            read[0] += 1
+            yield sample
+
+    def recording(net, images, *args, **kwargs):
+        calls.append((len(images), read[0]))
+        return inception_features(net, images, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "tar_samples", counting)
+    monkeypatch.setattr(fid, "inception_features", recording)
+    monkeypatch.setattr(reference, "BATCH", 4)
+    real = reference.real_protocol(str(mnist_shards), 32, 1, 18)
+    features, cached = reference.real_features(net, real, reference.inception_protocol(random_inception, 64), None)
+    assert calls == [(4, 4), (4, 8), (4, 12), (4, 16), (2, 18)] and not cached and real["images"] == 18
+    monkeypatch.undo()
+    assert torch.equal(features, fid.inception_features(net, load_images(str(mnist_shards), 32, 1, 18), 4))
 
 
 def test_standard_2048_pool_features_from_the_weights_file(random_inception):
@@ -241,9 +312,9 @@ def test_training_scores_coverage_and_keeps_the_best_checkpoint(mnist_shards, tm
     assert step == 160 and 0.1 < judge_accuracy <= 1
     best = checkpoint.load(run / "checkpoints" / "best.pt")
     best_step, best_score = max(scores, key=lambda s: s[1])
-    assert best["eval"]["metric"] == "coverage" and best["images"] == best_step
-    assert best["eval"]["generator"] == "G_ema" and "G_ema" in best  # best.pt tracks the EMA's score
-    assert best["eval"]["score"] == pytest.approx(best_score, rel=1e-5)
+    assert best.best.metric == "coverage" and best.images == best_step
+    assert best.best.generator == "G_ema" and best.G_ema is not None  # best.pt tracks the EMA's score
+    assert best.best.score == pytest.approx(best_score, rel=1e-5)
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000000160.pt", "ckpt-000000000320.pt"]
     record = main(["interpolate", str(run / "checkpoints" / "best.pt"), "--rows", "1", "--frames", "2",
                    "--out", str(tmp_path / "best")])
@@ -256,8 +327,8 @@ def test_training_scores_fid_with_a_weights_file(mnist_shards, random_inception,
         "eval.every_images=160", "eval.samples=16", "eval.real_samples=16"])
     (step, score), = _scalars(run, "eval/fid")
     assert step == 160 and score > 0
-    saved = checkpoint.load(run / "checkpoints" / "best.pt")["eval"]
-    assert saved["metric"] == "fid" and saved["images"] == 160 and saved["score"] == pytest.approx(score, rel=1e-5)
+    saved = checkpoint.load(run / "checkpoints" / "best.pt")
+    assert saved.best.metric == "fid" and saved.images == 160 and saved.best.score == pytest.approx(score, rel=1e-5)
 
 
 def test_training_with_a_missing_weights_file_or_labels_fails_before_the_first_step(mnist_shards, tmp_path):

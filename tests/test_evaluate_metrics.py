@@ -137,8 +137,8 @@ def test_coverage_score_is_one_only_for_even_confident_predictions():
     assert classifier.coverage(even)["score"] == pytest.approx(1.0)
     collapsed = torch.eye(4)[[0] * 20]
     assert classifier.coverage(collapsed)["score"] == 0
-    unsure = torch.full((20, 4), 0.25)
-    assert classifier.coverage(unsure)["score"] <= 0.25
+    unsure = torch.full((20, 4), 0.25) + 0.01 * torch.eye(4).repeat(5, 1)  # every class drawn, barely preferred
+    assert classifier.coverage(unsure / unsure.sum(1, keepdim=True))["score"] == pytest.approx(0.26 / 1.01)
 
 
 # -- precision and recall (Kynkäänniemi et al. 2019) ---------------------------------------------------------

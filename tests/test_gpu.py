@@ -117,9 +117,9 @@ def raw_photo_shards(tmp_path_factory) -> Path:
 
 
 def _weights(run_dir: Path) -> dict:
-    state = checkpoint.load(checkpoint.latest(run_dir))
-    return {"images": int(state["images"]), **{k: torch.cat([v.float().flatten() for v in state[k].values()
-                                                              if v.is_floating_point()]) for k in ("G", "D", "G_ema")}}
+    record = checkpoint.load(checkpoint.latest(run_dir))
+    return {"images": record.images, **{k: torch.cat([v.float().flatten() for v in getattr(record, k).values()
+                                                       if v.is_floating_point()]) for k in ("G", "D", "G_ema")}}
 
 
 def test_papers_model_through_the_cli_resumes_within_the_graphs_tolerance(raw_photo_shards, tmp_path):
@@ -155,10 +155,10 @@ def test_torchrun_one_process_per_gpu_with_sync_bn_over_nccl(mnist_shards, tmp_p
     for rank in range(gpus):
         assert f"rank {rank} of {gpus}" in text and "backend nccl" in text, text[-3000:]
     assert f"done: {8192 + (-8192) % (64 * gpus)} images" in text
-    state = checkpoint.load(checkpoint.latest(run))
-    assert all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
+    record = checkpoint.load(checkpoint.latest(run))
+    assert all(torch.isfinite(v).all() for v in record.G.values() if v.is_floating_point())
     # The synchronised batchnorm kept nn.BatchNorm2d's names, so the checkpoint loads into the plain model.
-    models.Generator(config.from_dict(state["config"]).model).load_state_dict(state["G"])
+    models.Generator(config.from_dict(record.config).model).load_state_dict(record.G)
 
 
 def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(mnist_shards, tmp_path):
@@ -171,8 +171,8 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(mnist_shard
         if images > 512:
             assert f"at {images - 512} images" in out, out
         assert ("cuda_graph on" in out) == (device == "cuda"), out
-    state = checkpoint.load(checkpoint.latest(tmp_path / "run"))
-    assert int(state["images"]) == 1536 and all(v.device.type == "cpu" for v in state["G"].values())
-    for opt in ("opt_G", "opt_D"):
-        assert all(torch.isfinite(s["exp_avg"]).all() for s in state[opt]["state"].values())
+    record = checkpoint.load(checkpoint.latest(tmp_path / "run"), resumable=True)
+    assert record.images == 1536 and all(v.device.type == "cpu" for v in record.G.values())
+    for opt in (record.resume.opt_G, record.resume.opt_D):
+        assert all(torch.isfinite(s["exp_avg"]).all() for s in opt["state"].values())
 

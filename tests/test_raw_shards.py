@@ -130,7 +130,7 @@ def test_training_on_raw_shards_resumes_bit_identically(raw_shards, tmp_path):
     assert second.returncode == 0 and "resumed from" in second.stdout and "perf: amp bf16" in second.stdout
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "twice"))
-    assert a["images"] == b["images"] == 640
+    assert a.images == b.images == 640
     for net in ("G", "D"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
+        for k, v in getattr(a, net).items():
+            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k}"

@@ -1,4 +1,5 @@
-"""Ray Train on a real two-node Ray cluster on this machine: DDP over gloo, SyncBN, a killed worker, `ray job submit`.
+"""Ray Train on a real two-node Ray cluster on this machine: DDP over gloo, SyncBN, a killed worker, `ray job submit`
+and `ray job stop`, a preemption notice.
 
 One cluster serves the module (a head and a second node, one CPU each, so the two training workers land on
 different nodes). Its files live in a short temporary directory (RAY_TMPDIR; Unix socket paths must stay short),
@@ -14,6 +15,7 @@ it for ever. The switch only steers that lookup; Cluster starts its second node 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint
@@ -162,9 +163,9 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
 
     result = outcome["result"]
     final = checkpoint.load(checkpoint.latest(result.checkpoint.path), map_location="cpu")
-    assert final["images"] == target and final["step"] == target // GLOBAL_BATCH
-    assert final["world_size"] == 2
-    assert any("running_mean" in k for k in final["D"])  # synchronised BN saves plain batchnorm entries
+    assert final.images == target and final.resume.step == target // GLOBAL_BATCH
+    assert final.resume.geometry["world_size"] == 2
+    assert any("running_mean" in k for k in final.D)  # synchronised BN saves plain batchnorm entries
 
     # The first attempt's events, then the resumed attempt's: it picked up after a checkpoint, not at 0.
     steps = _scalars(run_dir)
@@ -175,36 +176,59 @@ def test_worker_killed_on_two_nodes_resumes_and_ends_at_target(two_nodes, tiny_c
 
 
 @pytest.mark.ray
-def test_ray_job_submit_trains_on_the_cluster(two_nodes, mnist_shards, tmp_path):
-    """The documented command: `ray job submit --working-dir . -- python -m dcgan_dist.train ... num_workers=2`."""
+def test_ray_job_stop_checkpoints_the_count_reached_and_the_same_job_resumes(two_nodes, mnist_shards, tmp_path):
+    """The documented commands as typed: `ray job submit --no-wait --working-dir . -- python -m dcgan_dist.train
+    ... trainer.num_workers=2`, `ray job stop` once it logged N images -> a checkpoint at >= N images (at a log
+    interval, not a periodic one), the driver's exit 128 + SIGTERM; then the same `ray job submit` resumes from
+    that checkpoint and ends at exactly train.images."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     _, dashboard = two_nodes
+    client = JobSubmissionClient(dashboard)
     run_dir = tmp_path / "job-run"
-    target = 40 * GLOBAL_BATCH
+    every, periodic, target = 10 * GLOBAL_BATCH, 150 * GLOBAL_BATCH, 300 * GLOBAL_BATCH
     overrides = [
         f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=1", "data.shuffle_buffer=200",
         "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={target}", "train.device=cpu",
-        f"log.every_images={10 * GLOBAL_BATCH}", f"log.sample_every_images={target}",
-        f"log.checkpoint_every_images={20 * GLOBAL_BATCH}", "log.grid_size=16", f"run_dir={run_dir}",
-        "trainer.num_workers=2", "trainer.sync_bn=true",
+        f"log.every_images={every}", f"log.sample_every_images={target}", f"log.checkpoint_every_images={periodic}",
+        "log.grid_size=16", f"run_dir={run_dir}", "trainer.num_workers=2", "trainer.sync_bn=true",
         "perf.amp=bf16",  # what auto picks on CPUs with native bf16: synchronised batchnorm under bf16 autocast
     ]
-    job = f"dcgan-test-{secrets.token_hex(4)}"
-    submit = subprocess.run(
-        [RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job, "--working-dir", str(REPO),
-         "--", sys.executable, "-m", "dcgan_dist.train", "--config", "configs/mnist_local.yaml", *overrides],
-        capture_output=True, text=True, timeout=240)
-    status = JobSubmissionClient(dashboard).get_job_status(job)  # `ray job submit` waits for the end
-    assert status == JobStatus.SUCCEEDED and submit.returncode == 0, \
-        f"{status}\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
+    # docs/cluster.md: the job's drivers wait this long after `ray job stop` before Ray kills them (default 3 s).
+    runtime_env = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
 
-    assert "perf: amp bf16" in submit.stdout, submit.stdout[-3000:]
-    assert _scalars(run_dir) == [list(range(10 * GLOBAL_BATCH, target + 1, 10 * GLOBAL_BATCH))]
-    stored = _ray_checkpoints(run_dir)
-    assert [p.name for p in stored] == [checkpoint.path_for(run_dir, n).name for n in (target // 2, target)]
-    final = torch.load(stored[-1], weights_only=True)
-    assert final["images"] == target and final["world_size"] == 2
+    def submit(job: str, *wait: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job, *wait, "--runtime-env-json",
+             runtime_env, "--working-dir", str(REPO), "--", sys.executable, "-m", "dcgan_dist.train", "--config",
+             "configs/mnist_local.yaml", *overrides], capture_output=True, text=True, timeout=240)
+
+    first = f"dcgan-stop-{secrets.token_hex(4)}"
+    assert submit(first, "--no-wait").returncode == 0
+    reached, deadline = 0, time.monotonic() + 180
+    while reached < 2 * every and time.monotonic() < deadline:
+        assert client.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(first)
+        time.sleep(0.5)
+        reached = max([0, *(step for attempt in _scalars(run_dir) for step in attempt)])
+    assert reached >= 2 * every, f"the job logged {reached} images in time:\n{client.get_job_logs(first)[-3000:]}"
+    stop = subprocess.run([RAY_CLI, "job", "stop", "--address", dashboard, first], capture_output=True, text=True,
+                          timeout=180)
+    logs = client.get_job_logs(first)
+    assert stop.returncode == 0 and client.get_job_status(first) == JobStatus.STOPPED, stop.stdout + logs[-3000:]
+    written = [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run_dir)]
+    at_stop = max(written)
+    assert at_stop >= reached and at_stop % every == 0 and at_stop % periodic != 0 and at_stop < target, written
+    assert f"stopped by signal {signal.SIGTERM.value}" in logs, logs[-3000:]
+    assert at_stop in _stored_images(run_dir), "the stop's checkpoint was not reported to Ray"
+    print(f"ray job stop: logged {reached} images when stopped, checkpoint at {at_stop}")
+
+    second = submit(f"dcgan-stop-{secrets.token_hex(4)}")  # `ray job submit` waits for the end
+    assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}"
+    assert f"at {at_stop} images" in second.stdout, second.stdout[-3000:]  # "resumed from ... at N images"
+    steps = _scalars(run_dir)
+    assert steps[-1][0] == at_stop + every and steps[-1][-1] == target, steps
+    final = checkpoint.load(_ray_checkpoints(run_dir)[-1], resumable=True)
+    assert final.images == target and final.resume.geometry["world_size"] == 2
 
 
 def _images(path: Path) -> int:
@@ -219,8 +243,8 @@ def _stored_images(run_dir: Path) -> list[int]:
 def _world_size(path: Path) -> int | None:
     """The world size a stored checkpoint was written at; None while Ray is still copying it in."""
     try:
-        return torch.load(path, weights_only=True)["world_size"]
-    except (EOFError, RuntimeError, OSError):
+        return checkpoint.load(path).resume.geometry["world_size"]
+    except checkpoint.CheckpointError:
         return None
 
 
@@ -307,12 +331,19 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
     assert [set(s) for s in sizes] == [{2}, {1}, {2}], sizes
     assert steps[0][-1] == just_in_time, f"attempt 1 stepped past its just-in-time checkpoint: {steps[0][-3:]}"
     assert steps[1][0] == just_in_time + every, f"attempt 2 did not resume at {just_in_time}: {steps[1][:3]}"
-    repeated = steps[0][-1] - (steps[1][0] - every)
-    assert 0 <= repeated <= every
+    # The growth restart: each restart says where it resumed. The grown group resumed from a periodic checkpoint
+    # of the one-worker group, at most one log interval past that group's last log; what it repeats depends on
+    # which of that group's checkpoints Ray had registered (864 images, more than one interval, in one run here).
+    resumed = sorted({int(n) for n in re.findall(r"resumed from \S+ at (\d+) images", said)})
+    assert len(resumed) == 2 and resumed[0] == just_in_time, resumed
+    grown_from = resumed[1]
+    repeated = steps[1][-1] - grown_from
+    assert just_in_time < grown_from and grown_from % periodic == 0 and repeated > -every, (grown_from, steps[1])
+    assert steps[2][0] == (grown_from // every + 1) * every, (grown_from, steps[2][:2])
     assert steps[2][-1] == target
 
-    final = torch.load(_ray_checkpoints(run_dir)[-1], weights_only=True)
-    assert final["images"] == target and final["world_size"] == 2
-    print(f"preemption: last periodic checkpoint {last_periodic} images, just-in-time {just_in_time}, repeated "
-          f"{repeated}; a one-worker checkpoint {seen['one worker after the deadline, s']:.1f} s after the deadline; "
-          f"grown back at {steps[2][0] - every} images (repeats {steps[1][-1] - (steps[2][0] - every)} images)")
+    final = checkpoint.load(_ray_checkpoints(run_dir)[-1])
+    assert final.images == target and final.resume.geometry["world_size"] == 2
+    print(f"preemption: last periodic checkpoint {last_periodic} images, just-in-time {just_in_time}; a one-worker "
+          f"checkpoint {seen['one worker after the deadline, s']:.1f} s after the deadline; grown back at "
+          f"{grown_from} images (repeats {max(0, repeated)} images)")

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dcgan_dist import checkpoint
 from multirank import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,8 +218,12 @@ def test_ray_up_job_submit_ray_down(machine, mnist_shards):
         acc.Reload()
         assert [e.step for e in acc.Scalars("loss/D")] == list(range(every, target + 1, every))
         assert {e.value for e in acc.Scalars("perf/world_size")} == {2}
-        final = torch.load(run_dir / "checkpoints" / f"ckpt-{target:012d}.pt", weights_only=True)
-        assert final["images"] == target and final["world_size"] == 2
+        final = checkpoint.load(checkpoint.path_for(run_dir, target), resumable=True)
+        assert final.images == target and final.resume.geometry["world_size"] == 2
+
+        # Each progress line once in `ray job logs` (Train V2's print patch showed every one twice: ray_launch.run).
+        progress = [line for line in logs.splitlines() if re.search(rf"\] \d+/{target} images ", line)]
+        assert len(progress) == target // every and len(set(progress)) == len(progress), logs[-4000:]
 
         # Each rank said once where it runs.
         where = dict(re.findall(r"dcgan_dist: rank (\d) of 2 on node \S+ \(([\d.]+)\), device cpu, backend gloo",

@@ -126,7 +126,7 @@ def _cfg(tiny_cfg, shards: str, run_dir: Path, **data_overrides):
 
 
 def _final_g(run_dir: Path) -> dict:
-    return checkpoint.load(checkpoint.latest(run_dir))["G"]
+    return checkpoint.load(checkpoint.latest(run_dir)).G
 
 
 def _same_weights(a: dict, b: dict) -> bool:

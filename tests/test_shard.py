@@ -287,6 +287,7 @@ def test_a_decoder_that_kills_its_worker_is_isolated_and_skipped(tmp_path, image
 
 
 def test_outdir_is_locked_and_a_changed_source_is_detected(tmp_path, images):
+    from dcgan_dist import files
     from dcgan_dist.shard.output import LocalDir
 
     src = tmp_path / "in"
@@ -298,10 +299,17 @@ def test_outdir_is_locked_and_a_changed_source_is_detected(tmp_path, images):
         r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--quiet"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and f"is being written by pid {os.getpid()}" in r.stderr
-    (tmp_path / "mine.tmp").write_text("a user's own file")
+    # In OUTDIR: a user's own file, untagged, and what a writer killed mid-file leaves (a tagged temporary).
+    (out / "mine.tmp").write_text("a user's own file")
+    killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom dcgan_dist import files\n"
+                             "with files.atomic_open(sys.argv[1]) as f:\n    f.write(b'half a shard')\n"
+                             "    os.kill(os.getpid(), 9)\n", str(out / "in-000000.tar")], timeout=120)
+    leftover = [p for p in out.iterdir() if files.TMP_TAG in p.name]
+    assert killed.returncode == -9 and len(leftover) == 1, leftover
     assert shard_main([str(src), str(out), "--quiet"]) == 0
+    assert not leftover[0].exists(), "the killed writer's temporary was not cleaned up"
     (src / "005.png").write_bytes(shard_data.encode(images[30], "PNG"))  # another picture in its place
     r = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", str(src), str(out), "--quiet"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "changed since a finished run" in r.stderr
-    assert (tmp_path / "mine.tmp").exists()
+    assert (out / "mine.tmp").read_text() == "a user's own file"

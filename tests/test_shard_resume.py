@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,56 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
         assert (out / name).stat().st_mtime_ns == finished[name]
     manifest = shard.run(str(src), out, Options(shard_size=10, dedup="exact", format="png"), progress=False)
     assert manifest["counts"]["duplicates"] == 8 and manifest["total"] == 200
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+            if _stat(p) and int(_stat(p).rsplit(")", 1)[1].split()[1]) == pid]
+
+
+def _stat(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # the process is gone
+        return ""
+
+
+def _ended(pid: int) -> bool:
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return not stat or stat.rsplit(")", 1)[1].split()[0] == "Z"  # gone, or dead and waiting for its reaper
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with the tool through Linux's prctl")
+def test_sigkill_of_the_tool_alone_then_the_same_command_at_once(tmp_path):
+    """Issue 29's report as a user meets it: kill -9 of the tool's own pid (its workers untouched) once two shards
+    exist, then the same command at once. The workers die with the tool, no lock outlives it, and the rerun ends
+    with exactly the bytes of an uninterrupted run."""
+    lmdb = tmp_path / "bedroom_train_lmdb"
+    shard_data.make_lmdb(lmdb, shard_data.random_crops(600))
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "dcgan_dist.shard", str(lmdb), str(out), "--resolution", "32",
+                "--shard-size", "50", "--workers", "2"]  # the report's two workers, on any machine
+
+    subprocess.run(command(tmp_path / "reference"), check=True, capture_output=True, timeout=300)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(out), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and len(list(out.glob("*.tar"))) < 2:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL and len(workers) == 2  # killed mid-run
+        rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert all(_ended(pid) for pid in workers)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans, had they survived
+        except ProcessLookupError:
+            pass
+    assert shard_data.output_files(out) == shard_data.output_files(tmp_path / "reference")
 
 
 def test_crash_between_the_faces_of_one_image_resumes_mid_image(tmp_path, monkeypatch):

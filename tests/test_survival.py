@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -34,12 +35,12 @@ def _run(args, timeout=300):
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _same_weights(a: dict, b: dict) -> None:
+def _same_weights(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
     for net in ("G", "D"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs"
-    for k, v in a["opt_D"]["state"].items():
-        assert torch.equal(v["exp_avg_sq"], b["opt_D"]["state"][k]["exp_avg_sq"])
+        for k, v in getattr(a, net).items():
+            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k} differs"
+    for k, v in a.resume.opt_D["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b.resume.opt_D["state"][k]["exp_avg_sq"])
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +77,36 @@ def test_sigterm_checkpoints_at_the_current_count_and_resumes_bit_identical(mnis
     resumed = _run(_cli(run, mnist_shards))
     assert resumed.returncode == 0, resumed.stderr
     final = checkpoint.load(checkpoint.latest(run))
-    assert final["images"] == IMAGES
+    assert final.images == IMAGES
     _same_weights(straight, final)
     steps = [e.step for e in EventAccumulator(str(run / "tb")).Reload().Scalars("loss/D")]
     assert steps == sorted(set(steps)), "TensorBoard shows some steps twice after the resume"
 
 
 def test_second_signal_exits_at_once(mnist_shards, tmp_path):
-    proc = _start_and_wait_for_checkpoint(tmp_path / "run", mnist_shards)
+    """A second SIGINT while the first still waits for its step boundary: out at once, no stop checkpoint."""
+    run = tmp_path / "run"
+    # A wide model's steps (about a second each on 2 cores) leave the second signal time to land in the first's.
+    proc = subprocess.Popen(_cli(run, mnist_shards, 100_000, "model.ngf=128", "model.ndf=128", "train.batch_size=64",
+                                 "log.checkpoint_every_images=1000000"),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    next(line for line in proc.stdout if line.startswith("perf:"))  # the run has started: its handlers are set
     proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while not any("writing a checkpoint at the next step boundary" in line for line in said):
+        assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
+        time.sleep(0.005)  # Python runs a handler once for signals that arrive before it ran: wait for the first
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
-    assert "second SIGINT" in err or "stopped by signal" in err  # the first may already have finished
+    proc.stdout.read()
+    proc.wait(timeout=60)
+    reader.join(timeout=60)
+    err = "".join(said)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert "second SIGINT: exiting at once" in err and "stopped by signal" not in err, err[-3000:]
+    assert checkpoint.list_checkpoints(run) == []  # the first signal's checkpoint was not waited for
 
 
 def test_forced_divergence_is_caught_and_only_finite_checkpoints_remain(mnist_shards, tmp_path):
@@ -100,7 +118,8 @@ def test_forced_divergence_is_caught_and_only_finite_checkpoints_remain(mnist_sh
     assert r.stdout.count("rolling back to the newest checkpoint") == 2
     for path in checkpoint.list_checkpoints(run):
         state = checkpoint.load(path)
-        assert all(t.isfinite().all() for net in ("G", "D") for t in state[net].values() if t.is_floating_point())
+        assert all(t.isfinite().all() for net in (state.G, state.D, state.G_ema or {}) for t in net.values()
+                   if t.is_floating_point()), path.name
     npz = tmp_path / "s.npz"
     sample = _run([sys.executable, "-m", "dcgan_dist.sample", str(run), "--n", "8", "--out",
                    str(tmp_path / "g.png"), "--npz", str(npz)])
@@ -118,13 +137,13 @@ def test_two_ranks_then_one_rank_ends_at_exactly_train_images(mnist_shards, tmp_
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "dcgan_dist.train", *base], timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert checkpoint.load(checkpoint.latest(run))["geometry"]["world_size"] == 2
+    assert checkpoint.load(checkpoint.latest(run)).resume.geometry["world_size"] == 2
     one = _run(_cli(run, mnist_shards, 640, "data.num_workers=0"))
     assert one.returncode == 0, one.stderr
     assert "the data stream starts a fresh pass" in one.stdout
     assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)] == [320, 640]
     final = checkpoint.load(checkpoint.latest(run))
-    assert final["images"] == 640 and final["step"] == 10 + 20  # 10 steps of 2 x 16, then 20 of 16
+    assert final.images == 640 and final.resume.step == 10 + 20  # 10 steps of 2 x 16, then 20 of 16
 
 
 def test_gpu_style_optimizer_state_resumes_on_the_cpu_with_the_configs_rates(mnist_shards, tmp_path):
@@ -132,7 +151,7 @@ def test_gpu_style_optimizer_state_resumes_on_the_cpu_with_the_configs_rates(mni
     run = tmp_path / "run"
     assert _run(_cli(run, mnist_shards, 320)).returncode == 0
     path = checkpoint.latest(run)
-    state = checkpoint.load(path)
+    state = torch.load(path, weights_only=True)  # the file as a GPU run writes it
     for opt in ("opt_G", "opt_D"):
         for group in state[opt]["param_groups"]:
             group.update(capturable=True, fused=True, foreach=None)
@@ -143,8 +162,8 @@ def test_gpu_style_optimizer_state_resumes_on_the_cpu_with_the_configs_rates(mni
     assert r.returncode == 0, r.stderr
     assert "train.lr_d: 0.0002 in the checkpoint, 0.001 in the config (used)" in r.stdout
     final = checkpoint.load(checkpoint.latest(run))
-    assert final["images"] == 640 and final["opt_D"]["param_groups"][0]["lr"] == 0.001
-    assert final["opt_D"]["param_groups"][0]["capturable"] is False
+    assert final.images == 640 and final.resume.opt_D["param_groups"][0]["lr"] == 0.001
+    assert final.resume.opt_D["param_groups"][0]["capturable"] is False
 
 
 def test_changed_model_shape_is_an_error_naming_the_keys(mnist_shards, tmp_path):

@@ -1,5 +1,6 @@
 """The local trainer end to end on real MNIST shards: event files, checkpoints, exact resume after SIGKILL."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
-from dcgan_dist import checkpoint, config
+from dcgan_dist import checkpoint, config, files
 from dcgan_dist.train.loop import train
 from dcgan_dist.train.step import STAT_NAMES
 
@@ -46,10 +48,11 @@ def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
     assert "auto" not in saved["perf"].values()
 
     state = checkpoint.load(checkpoint.latest(run))
-    assert state["images"] == 320 and state["step"] == 20
-    assert {"G", "D", "opt_G", "opt_D", "rng", "config", "skipped"} <= set(state)
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000000160.pt", "ckpt-000000000320.pt"]
-    assert not list((run / "checkpoints").glob("*.tmp*"))
+    assert state.images == 320 and state.resume is not None and state.resume.step == 20
+    # Everything in the folder, hidden files included: no temporary (files.temporary_name) is left anywhere.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-000000000160.pt",
+                                                                      "ckpt-000000000320.pt"]
+    assert not [p for p in run.rglob(f"*{files.TMP_TAG}*")]
 
 
 def test_keep_last_k_checkpoints(tiny_cfg):
@@ -58,6 +61,65 @@ def test_keep_last_k_checkpoints(tiny_cfg):
     train(tiny_cfg)
     assert [p.name for p in checkpoint.list_checkpoints(tiny_cfg.run_dir)] == ["ckpt-000000000256.pt",
                                                                                "ckpt-000000000320.pt"]
+
+
+def _train_with_a_nan_in_a_batchnorm_buffer(cfg) -> None:
+    """train(cfg) where, once the first checkpoint is on disk, one running variance of G's batchnorm goes NaN: the
+    losses stay finite (training batchnorm normalises with the batch's own statistics), so only the check of the
+    weights before the next checkpoint can see it. It happens once: the rolled-back run must go on cleanly."""
+    fired = []
+
+    def poison(module, inputs):  # before the forward: autograd sees the buffer as the forward saves it
+        if isinstance(module, nn.BatchNorm2d) and module.training and not fired and \
+                checkpoint.list_checkpoints(cfg.run_dir):
+            module.running_var.fill_(float("nan"))
+            fired.append(module)
+
+    hook = nn.modules.module.register_module_forward_pre_hook(poison)
+    try:
+        train(cfg)
+    finally:
+        hook.remove()
+    assert fired, "the NaN was never written"
+
+
+def _floating(record) -> dict[str, torch.Tensor]:
+    return {f"{net}.{k}": v for net in ("G", "D", "G_ema") for k, v in (getattr(record, net) or {}).items()
+            if v.is_floating_point()}
+
+
+def test_a_nan_only_in_a_batchnorm_buffer_is_never_checkpointed_and_rolls_back(tiny_cfg, capsys):
+    tiny_cfg.train.images, tiny_cfg.log.sample_every_images = 480, 100_000
+    _train_with_a_nan_in_a_batchnorm_buffer(tiny_cfg)
+    out = capsys.readouterr().out
+    assert "non-finite weights at 320 images in G" in out, out
+    assert out.count("rolling back to the newest checkpoint") == 1, out
+    paths = checkpoint.list_checkpoints(tiny_cfg.run_dir)
+    assert [checkpoint.images_of(p) for p in paths] == [160, 320, 480]
+    for path in paths:
+        bad = [k for k, v in _floating(checkpoint.load(path)).items() if not v.isfinite().all()]
+        assert not bad, f"{path.name} holds non-finite {bad}"
+    assert checkpoint.load(paths[-1]).resume.rollbacks == 1
+
+
+def test_a_rollback_draws_new_latents(tiny_cfg):
+    """The rolled-back run repeats 160..320 images on the same data from the same checkpoint: only new latent draws
+    can make its weights differ from an undisturbed run's (the NaN buffer itself never reaches a weight)."""
+    from dcgan_dist.train.loop import z_for_step
+
+    cpu = torch.device("cpu")
+    assert torch.equal(z_for_step(tiny_cfg, 7, 0, 4, cpu, 1), z_for_step(tiny_cfg, 7, 0, 4, cpu, 1))
+    assert not torch.equal(z_for_step(tiny_cfg, 7, 0, 4, cpu, 0), z_for_step(tiny_cfg, 7, 0, 4, cpu, 1))
+    tiny_cfg.log.sample_every_images = 100_000
+    undisturbed = copy.deepcopy(tiny_cfg)
+    undisturbed.run_dir = str(Path(tiny_cfg.run_dir).with_name("undisturbed"))
+    train(undisturbed)
+    _train_with_a_nan_in_a_batchnorm_buffer(tiny_cfg)
+    (a160, a320), (b160, b320) = ([checkpoint.load(checkpoint.path_for(c.run_dir, n)).G for n in (160, 320)]
+                                  for c in (undisturbed, tiny_cfg))
+    assert all(torch.equal(v, b160[k]) for k, v in a160.items()), "the runs differ before the NaN"
+    assert not all(torch.equal(v, b320[k]) for k, v in a320.items() if v.is_floating_point()), \
+        "the rollback repeated the steps with the latents it had drawn before"
 
 
 def test_rerun_of_finished_run_resumes_and_does_nothing(tiny_cfg):
@@ -93,7 +155,7 @@ def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
     proc.wait()
     at_kill = checkpoint.list_checkpoints(killed)
     assert at_kill, "no checkpoint was written before the deadline"
-    assert checkpoint.load(at_kill[-1])["images"] < images, "the run finished before it could be killed"
+    assert checkpoint.load(at_kill[-1]).images < images, "the run finished before it could be killed"
 
     resumed = subprocess.run(_cli(killed, mnist_shards, images), env=env, capture_output=True, text=True,
                              timeout=300)
@@ -101,12 +163,12 @@ def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
     assert "resumed from" in resumed.stdout + resumed.stderr
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(killed))
-    assert a["images"] == b["images"] == 1600
+    assert a.images == b.images == 1600
     for net in ("G", "D", "G_ema"):  # G_ema's average and its standing statistics too
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
-    for k, v in a["opt_G"]["state"].items():
-        assert torch.equal(v["exp_avg"], b["opt_G"]["state"][k]["exp_avg"])
+        for k, v in getattr(a, net).items():
+            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k} differs after resume"
+    for k, v in a.resume.opt_G["state"].items():
+        assert torch.equal(v["exp_avg"], b.resume.opt_G["state"][k]["exp_avg"])
 
 
 def test_sample_cli_writes_grid_and_npz(tiny_cfg, tmp_path):

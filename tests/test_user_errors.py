@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ def _cases(tmp):
         ("sample", [str(damaged)], "ckpt-000000000064.pt"),
         ("sample", [str(empty_dir)], "empty"),
         ("sample", [str(not_a_ckpt), "--n", "4"], "notes.txt"),
+        ("train", ["trainer.num_workers=2"], "RAY_TRAIN_V2_ENABLED=0", {"RAY_TRAIN_V2_ENABLED": "0"}),
     ]
 
 
@@ -48,9 +50,9 @@ def test_every_mistake_is_one_line_naming_it(tmp_path):
     table = _cases(tmp_path)
 
     def run(case):
-        command, args, named = case
+        command, args, named, env = (*case, {})[:4]
         r = subprocess.run([sys.executable, "-m", f"dcgan_dist.{command}", *args], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=180)
+                           capture_output=True, text=True, timeout=180, env={**os.environ, **env})
         if r.returncode == 0:
             return f"{command} {args}: exited 0"
         if "Traceback" in r.stderr:
@@ -65,4 +67,20 @@ def test_every_mistake_is_one_line_naming_it(tmp_path):
 
     with ThreadPoolExecutor(2) as pool:
         problems = [p for p in pool.map(run, table) if p]
-    assert len(table) == 21 and not problems, "\n\n".join(problems)
+    assert len(table) == 22 and not problems, "\n\n".join(problems)
+
+
+def test_a_ray_older_than_the_launcher_needs_is_named(monkeypatch):
+    """pyproject.toml asks for ray>=2.60; an older one installed anyway is an error naming both versions."""
+    import ray
+
+    from dcgan_dist.distributed import ray_launch
+
+    ray_launch.check_ray()  # the installed one is fine
+    monkeypatch.setattr(ray, "__version__", "2.59.0")
+    try:
+        ray_launch.check_ray()
+    except ray_launch.RayUnsupported as err:
+        assert "Ray 2.59.0 is installed" in str(err) and "2.60 or newer" in str(err)
+    else:
+        raise AssertionError("Ray 2.59.0 passed the check")

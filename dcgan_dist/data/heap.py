@@ -2,12 +2,11 @@
 
 A loader allocates the same sizes over and over: a sample's bytes (12 kB for a 64 px raw sample), its decoded
 pixels, a batch (1.5 MB at 64 px x 128). glibc hands freed memory at the top of its heap back to the kernel and
-puts large blocks in their own mmaps, so the next batch page-faults on every 4 kB it touches: with its default
-(adaptive) thresholds 0.95 faults an image on 64 px raw shards, with its 128 KiB starting ones 3.7. Allocations
-up to 32 MiB (glibc's ceiling for this setting) therefore stay on the heap, and the heap keeps up to 512 MiB of
-free memory at its top: 0.02 faults an image, and raw 6-26% faster per core (73-81k against 83-92k images/s,
-alternating processes; JPEG unchanged). A loader's working set is steady, so this costs no memory beyond its
-high-water mark. Settings a user made through glibc's own MALLOC_*_ variables or tunables are kept.
+puts large blocks in their own mmaps, so the next batch page-faults on every 4 kB it touches. Allocations up to
+32 MiB (glibc's ceiling for this setting) therefore stay on the heap, and the heap keeps up to 512 MiB of free
+memory at its top (the faults and speed it saves: docs/loader.md). A loader's working set is steady, so this costs
+no memory beyond its high-water mark. Settings a user made through glibc's own MALLOC_*_ variables or tunables are
+kept.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import itertools
 import math
 import random
 import sys
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -34,6 +35,17 @@ _MAX_UNDECODED = 2000  # samples in a row that fail to decode, before any ever d
 
 class DataError(RuntimeError):
     """Shards that cannot feed training at all (nothing decodes); the message names shards and reasons."""
+
+
+@dataclass
+class _Tally:
+    """What one iterator over the stream has met besides images, handed explicitly to the steps that count it."""
+    give_up_after: int  # corrupt samples, before any sample decoded, that stop the run
+    corrupt: int = 0  # samples that failed to decode, in all
+    decoded: bool = False  # whether any sample has decoded yet
+    reasons: list[str] = field(default_factory=list)  # the first decode errors, for DataError's message
+    bad_shards: int = 0  # shard reads that failed while the current batch was filled
+    failed_reads: int = 0  # shard reads in a row, in this pass, that gave no sample
 
 
 class ShardStream(IterableDataset):
@@ -86,7 +98,7 @@ class ShardStream(IterableDataset):
         while True:
             yield iter(mine)
 
-    def _read(self, sources: Iterator[tuple[str, int, int | None]]) -> Iterator[dict]:
+    def _read(self, sources: Iterator[tuple[str, int, int | None]], tally: _Tally) -> Iterator[dict]:
         for url, first, stop in sources:
             got = False
             try:
@@ -97,11 +109,11 @@ class ShardStream(IterableDataset):
                     yield sample
                     yield from samples  # delegated in C: no Python loop of ours per sample
             except Exception as err:  # missing, unreadable, truncated or still failing after retries: counted
-                self.bad_shards += 1
+                tally.bad_shards += 1
                 print(f"dcgan_dist.data: skipping shard {url}: {type(err).__name__}: {err}", file=sys.stderr)
-            self.failed_reads = 0 if got else self.failed_reads + 1
-            if self.failed_reads > 2 * len(self.shards.urls) + 8:
-                raise RuntimeError(f"no readable sample in {self.failed_reads} shard reads in a row; shards: "
+            tally.failed_reads = 0 if got else tally.failed_reads + 1
+            if tally.failed_reads > 2 * len(self.shards.urls) + 8:
+                raise RuntimeError(f"no readable sample in {tally.failed_reads} shard reads in a row; shards: "
                                    f"{self.shards.urls[0]} ... ({len(self.shards.urls)} in all)")
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -116,75 +128,66 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decoded(self, samples: Iterator[dict]) -> Iterator[np.ndarray | memoryview | None]:
-        """Decoded images, or the pixel bytes of raw samples already at the batch's shape (no copy, no array);
-        None stands for a corrupt sample, so that skips are counted where they happen."""
-        prefix = raw_prefix(self.resolution, self.channels)
-        start, raw_size = len(prefix), len(prefix) + self.resolution ** 2 * self.channels
-        for sample in samples:
-            try:
-                data = image_field(sample)
-                if len(data) == raw_size and data.startswith(prefix):
-                    image = memoryview(data)[start:]
-                else:
-                    image = decode_image(data, self.resolution, self.channels)
-            except Exception as err:
-                self.corrupt += 1
-                if len(self.reasons) < 3:
-                    self.reasons.append(f"{sample.get('__url__')} {sample.get('__key__')!r}: {err}")
-                if not self.decoded and self.corrupt >= self._give_up_after:
-                    raise DataError(f"none of the first {self.corrupt} samples decoded (shards "
-                                    f"{self.shards.urls[0]} ... {len(self.shards.urls)} in all); first reasons: "
-                                    + "; ".join(self.reasons))
-                if self.corrupt <= _MAX_REPORTED:
-                    print(f"dcgan_dist.data: skipping sample {sample.get('__key__')!r} in "
-                          f"{sample.get('__url__')}: {type(err).__name__}: {err}", file=sys.stderr)
-                yield None
-            else:
-                self.decoded = True
-                yield image
+    def _skip(self, sample: dict, err: Exception, tally: _Tally) -> None:
+        """Count a sample that failed to decode, name it (the first few), and stop if nothing ever decodes."""
+        tally.corrupt += 1
+        if len(tally.reasons) < 3:
+            tally.reasons.append(f"{sample.get('__url__')} {sample.get('__key__')!r}: {err}")
+        if not tally.decoded and tally.corrupt >= tally.give_up_after:
+            raise DataError(f"none of the first {tally.corrupt} samples decoded (shards {self.shards.urls[0]} ... "
+                            f"{len(self.shards.urls)} in all); first reasons: " + "; ".join(tally.reasons))
+        if tally.corrupt <= _MAX_REPORTED:
+            print(f"dcgan_dist.data: skipping sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr)
 
-    def _samples(self, pass_idx: int, stream: int, rng: random.Random) -> Iterator[dict]:
+    def _samples(self, pass_idx: int, stream: int, rng: random.Random, tally: _Tally) -> Iterator[dict]:
+        tally.failed_reads = 0  # a new pass
         for sources in self._rounds(pass_idx, stream, rng):
-            yield from self._shuffled(self._read(sources), rng)
+            yield from self._shuffled(self._read(sources, tally), rng)
 
-    def _pass_batches(self, pass_idx: int, stream: int, done: int = 0, raw_done: int | None = None,
+    def _pass_batches(self, pass_idx: int, stream: int, tally: _Tally, done: int = 0, raw_done: int | None = None,
                       ) -> Iterator[tuple[torch.Tensor, int, int]]:
         """The stream's batches of a pass from its batch `done` on. raw_done, when known, is how many raw samples
         batches 0 .. done-1 took (their images plus corrupt ones): those are passed over without decoding."""
         rng = random.Random(f"stream-{self.seed}-{pass_idx}-{self.rank}-{stream}")
-        self.failed_reads = 0
-        samples = self._samples(pass_idx, stream, rng)
+        samples = self._samples(pass_idx, stream, rng, tally)
+        batches = self.steps_per_pass // self.streams
         if raw_done is None:  # decode and drop the first `done` batches
-            drop = self._pass_batches_from(samples, 0)
-            for _ in range(done):
-                next(drop)
-            yield from drop
+            yield from itertools.islice(self._batches(samples, batches, tally), done, None)
             return
         for _ in range(raw_done):
             next(samples)
-        yield from self._pass_batches_from(samples, done)
+        yield from self._batches(samples, batches - done, tally)
 
-    def _pass_batches_from(self, samples: Iterator[dict], done: int) -> Iterator[tuple[torch.Tensor, int, int]]:
-        images = self._decoded(samples)
-        shape = (self.batch_size, self.resolution, self.resolution, self.channels)
+    def _batches(self, samples: Iterator[dict], count: int, tally: _Tally,
+                 ) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """count batches of the samples' images, each with the corrupt samples it skipped and the shards that
+        failed while it was filled. Raw samples already at the batch's shape go in as bytes, without decoding."""
+        prefix = raw_prefix(self.resolution, self.channels)
         size = self.resolution ** 2 * self.channels
-        for _ in range(self.steps_per_pass // self.streams - done):
-            # Each image is copied once, into its batch (np.stack's per-array views cost 4 us an image here);
-            # raw pixels go in as bytes, through a flat view of the batch.
-            batch, filled, skipped, bad_before = np.empty(shape, np.uint8), 0, 0, self.bad_shards
+        start, raw_size = len(prefix), len(prefix) + size
+        shape = (self.batch_size, self.resolution, self.resolution, self.channels)
+        for _ in range(count):
+            # Each image is copied once, into its batch (no np.stack of per-image arrays); raw pixels through a
+            # flat view of the batch.
+            batch, filled, skipped = np.empty(shape, np.uint8), 0, 0
             flat = memoryview(batch).cast("B")
+            tally.bad_shards = 0
             while filled < self.batch_size:
-                img = next(images)
-                if img is None:
+                sample = next(samples)
+                try:
+                    data = image_field(sample)
+                    if len(data) == raw_size and data.startswith(prefix):
+                        flat[filled * size:(filled + 1) * size] = memoryview(data)[start:]
+                    else:
+                        batch[filled] = decode_image(data, self.resolution, self.channels)
+                except Exception as err:
+                    self._skip(sample, err, tally)
                     skipped += 1
                     continue
-                if type(img) is memoryview:
-                    flat[filled * size:(filled + 1) * size] = img
-                else:
-                    batch[filled] = img
+                tally.decoded = True
                 filled += 1
-            yield torch.from_numpy(batch), skipped, self.bad_shards - bad_before  # NHWC: no transposing copy
+            yield torch.from_numpy(batch), skipped, tally.bad_shards  # NHWC: no transposing copy
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         info = get_worker_info()
@@ -192,20 +195,18 @@ class ShardStream(IterableDataset):
         if workers != self.streams:
             raise RuntimeError(f"ShardStream was built for {self.streams} loader workers, runs with {workers}")
         heap.keep_freed_memory()  # in the loader worker (or the trainer, without workers): see data/heap.py
-        self.corrupt = self.bad_shards = 0
-        self.decoded, self.reasons = False, []
         # Twice the data set (every sample seen at least once, whatever the draws) or _MAX_UNDECODED, if fewer.
         size = self.shards.size
-        self._give_up_after = min(_MAX_UNDECODED, 2 * size) if size else _MAX_UNDECODED
+        tally = _Tally(give_up_after=min(_MAX_UNDECODED, 2 * size) if size else _MAX_UNDECODED)
         first_pass, offset = divmod(self.start_step, self.steps_per_pass)
         # After a resume at in-pass offset o, loader worker w serves virtual stream (o + w) % streams
         # from its ((o + w) // streams)-th batch on; pass lengths are multiples of `streams`, so it keeps it.
         stream = (offset + worker) % self.streams
         done = (offset + worker) // self.streams
         raw_done = self.start_consumed[stream] if self.start_consumed is not None else None
-        yield from self._pass_batches(first_pass, stream, done, raw_done)
+        yield from self._pass_batches(first_pass, stream, tally, done, raw_done)
         for pass_idx in range(first_pass + 1, sys.maxsize):
-            yield from self._pass_batches(pass_idx, stream)
+            yield from self._pass_batches(pass_idx, stream, tally)
 
 
 def dataset_size(shards: ShardSet, cfg: Config) -> int | None:

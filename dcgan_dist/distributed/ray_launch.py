@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -43,10 +45,35 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
-from .preemption import Preempted
+from .interruptions import Notice, Preempted, Stopped
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
 Loop = Callable[..., dict]
+# trainer.max_failures when unset for an elastic group: restarts from the last checkpoint after lost nodes.
+ELASTIC_MAX_FAILURES = 3
+# The oldest Ray this launcher runs on: FailureConfig(preemption_grace_s=...) is new in 2.60 (2.59 raises a
+# TypeError on it); pyproject.toml asks for the same.
+RAY_MIN = (2, 60)
+
+
+class RayUnsupported(RuntimeError):
+    """The installed Ray cannot run this launcher; the message says what to change."""
+
+
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
+def check_ray() -> None:
+    """Ray 2.60 or newer with Train V2 (its default; RAY_TRAIN_V2_ENABLED=0 turns it off), or RayUnsupported."""
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    version = tuple(int(p) for p in ray.__version__.split(".")[:2])
+    if version < RAY_MIN:
+        raise RayUnsupported(f"Ray {ray.__version__} is installed; trainer.num_workers > 0 needs Ray "
+                             f"{'.'.join(map(str, RAY_MIN))} or newer: pip install 'ray[train,default]>=2.60'")
+    if not is_v2_enabled():
+        raise RayUnsupported(f"{V2_ENABLED_ENV_VAR}={os.environ.get(V2_ENABLED_ENV_VAR)} turns Ray Train V2 off; "
+                             f"this launcher uses V2's elastic groups and preemption notices: unset it")
 
 
 def _report(path: Path | None, metrics: dict) -> None:
@@ -57,8 +84,7 @@ def _report(path: Path | None, metrics: dict) -> None:
     # Stage the one new file in a directory of its own: Ray uploads whole directories, and the run's checkpoint
     # folder also holds the older checkpoints it keeps.
     with tempfile.TemporaryDirectory() as staging:
-        checkpoint.directory(staging).mkdir()
-        shutil.copy2(path, checkpoint.directory(staging) / path.name)
+        checkpoint.copy_into(path, staging)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=path.stem)
 
 
@@ -69,24 +95,22 @@ UNKNOWN_DEADLINE_S, HOLD_MARGIN_S = 120.0, 60.0
 # 20 s): a group restarted before that still counts a dead node's CPUs and GPUs, waits a minute for workers that
 # cannot start there (its worker-group start timeout) and only then starts smaller.
 NODE_VIEW_REFRESH_S = 21.0
-_notice: dict = {}  # the last notice, for _hold: "deadline" (UNIX seconds), "nodes" (IDs of those reclaimed)
 
 
-def _preemption() -> str | None:
-    """The loop's preemption probe: Ray's notice as one line, or None. A barrier: every rank calls it."""
+def _preemption() -> Notice | None:
+    """The loop's preemption probe: Ray's notice, or None. A barrier: every rank calls it."""
     info = ray.train.get_preemption_info()
     if info is None:
         return None
-    _notice["deadline"] = time.time() + UNKNOWN_DEADLINE_S if info.deadline_ms is None else info.deadline_ms / 1000
-    _notice["nodes"] = set(info.preempted_node_to_ranks)
+    deadline = time.time() + UNKNOWN_DEADLINE_S if info.deadline_ms is None else info.deadline_ms / 1000
     nodes = ", ".join(f"{node[:12]} (ranks {', '.join(map(str, ranks))})"
                       for node, ranks in sorted(info.preempted_node_to_ranks.items()))
     left = "no deadline given" if info.deadline_ms is None else \
         f"reclaimed in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s"
-    return f"node {nodes} {left}"
+    return Notice(f"node {nodes} {left}", deadline, frozenset(info.preempted_node_to_ranks))
 
 
-def _gone(nodes: set[str]) -> bool:
+def _gone(nodes: frozenset[str]) -> bool:
     """Whether Ray has seen every one of these nodes die."""
     return not nodes & {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
@@ -105,8 +129,8 @@ def _hold(notice: Preempted, grace_s: float) -> None:
     then for Ray's view of the nodes to catch up (NODE_VIEW_REFRESH_S).
     Ray counts the death as a preemption only after the deadline; a node that dies earlier is an ordinary failure.
     """
-    until = _notice.get("deadline", time.time() + UNKNOWN_DEADLINE_S) + grace_s + HOLD_MARGIN_S
-    nodes, gone_at = _notice.get("nodes", set()), None
+    until = notice.notice.deadline + grace_s + HOLD_MARGIN_S
+    nodes, gone_at = notice.notice.nodes, None
     print(f"dcgan_dist.ray_launch: rank {ray.train.get_context().get_world_rank()}: {notice}; waiting for the "
           f"reclaimed node to go, then for Ray to restart the group without it", flush=True)
     while time.time() < until:
@@ -119,18 +143,42 @@ def _hold(notice: Preempted, grace_s: float) -> None:
                        f"preemption deadline")
 
 
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """The signal the driver was stopped with, for every rank to read at its log interval (0: none)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def request(self, signum: int) -> None:
+        self.signum = self.signum or signum
+
+    def get(self) -> int:
+        return self.signum
+
+
+def _stop_probe(flag) -> int:
+    """The loop's stop probe: the driver's signal number, or 0."""
+    return ray.get(flag.get.remote())
+
+
 def worker_loop(loop_config: dict, loop: Loop) -> None:
-    """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any."""
+    """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any.
+    A stop asked for by the driver ends it normally, after the checkpoint at the count reached."""
     cfg = config_mod.from_dict(loop_config["cfg"])
+    hooks = dict(on_checkpoint=_report, preemption=_preemption,
+                 stop_probe=partial(_stop_probe, ray.get_actor(loop_config["stop_flag"])))
     restored = ray.train.get_checkpoint()
     try:
         if restored is None:
-            loop(cfg, on_checkpoint=_report, preemption=_preemption)
+            loop(cfg, **hooks)
             return
         with restored.as_directory() as local:  # a download for bucket storage, the directory itself on a file system
-            loop(cfg, resume_from=checkpoint.latest(local), on_checkpoint=_report, preemption=_preemption)
+            loop(cfg, resume_from=checkpoint.latest(local), **hooks)
     except Preempted as notice:
         _hold(notice, cfg.trainer.preemption_grace_s)
+    except Stopped as stopped:
+        print(f"dcgan_dist.ray_launch: rank {ray.train.get_context().get_world_rank()}: {stopped}", flush=True)
 
 
 def _absolute(path: str) -> str:
@@ -151,17 +199,26 @@ def resolved(cfg: Config) -> Config:
     out.run_dir = _absolute(cfg.run_dir)
     out.data.shards = "::".join(_absolute(part) for part in cfg.data.shards.split("::"))
     out.trainer.storage_path = _absolute(t.storage_path) if t.storage_path else str(Path(out.run_dir) / "ray")
+    if t.max_failures is None:
+        # An elastic group is asked for to outlive a lost node, and Ray counts that loss as a failure: with no
+        # restarts allowed, the run would end at the first one.
+        out.trainer.max_failures = ELASTIC_MAX_FAILURES if _elastic(t) else 0
     return out
 
 
-def trainer_for(cfg: Config, loop: Loop) -> TorchTrainer:
+def _elastic(t) -> bool:
+    return t.min_workers is not None and t.min_workers < t.num_workers
+
+
+def trainer_for(cfg: Config, loop: Loop, stop_flag: str) -> TorchTrainer:
     """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs; an elastic
-    group of min_workers..num_workers of them when trainer.min_workers is set."""
+    group of min_workers..num_workers of them when trainer.min_workers is set. stop_flag: the StopFlag actor's
+    name."""
     t = cfg.trainer
-    elastic = t.min_workers is not None and t.min_workers < t.num_workers
+    elastic = _elastic(t)
     return TorchTrainer(
         partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
-        train_loop_config={"cfg": config_mod.to_dict(cfg)},
+        train_loop_config={"cfg": config_mod.to_dict(cfg), "stop_flag": stop_flag},
         # The process group's own timeout bounds its rendezvous; context.init then sets collective_timeout_s.
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=math.ceil(t.startup_timeout_s)),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if elastic else t.num_workers,
@@ -221,12 +278,75 @@ def _check_fits(t, can_grow: bool) -> None:
           f"(if it has none: {hint})", file=sys.stderr, flush=True)
 
 
+class _DriverStop:
+    """SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): the first is passed on to every rank through the
+    StopFlag actor, so the ranks checkpoint at the count reached and return; a second exits at once."""
+
+    def __init__(self, flag):
+        self.flag, self.signum = flag, 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_DriverStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            print(f"dcgan_dist.ray_launch: second {name}: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        self.flag.request.remote(signum)  # a call, not a wait: the handler returns at once
+        print(f"dcgan_dist.ray_launch: {name}: every rank writes a checkpoint at its next log interval, then the "
+              f"run stops (send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit() in a thread of its own while this (main) thread waits, ready for signals.
+
+    Train V2's fit() in the main thread installs a SIGINT handler of its own that aborts the run, losing what
+    was trained since the last checkpoint; off the main thread it leaves SIGINT to _DriverStop."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread as it is
+            box["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run(cfg: Config, loop: Loop) -> ray.train.Result:
-    """Run loop with Ray Train as cfg.trainer says; return Ray's result (its checkpoint is the final one)."""
+    """Run loop with Ray Train as cfg.trainer says; return Ray's result (its checkpoint is the final one). After
+    SIGTERM or SIGINT it raises Stopped once every rank has checkpointed and returned."""
+    check_ray()
     cfg = resolved(cfg)
-    trainer = trainer_for(cfg, loop)
+    # Train V2 reroutes print() in its workers to its logger and, since Ray has wrapped the workers' stdout, also
+    # tees it there: every line of the loop reached `ray job logs` twice. Plain print in the workers, unless the
+    # user set it (Train V2 passes this variable on from the driver to every worker).
+    os.environ.setdefault(PRINT_PATCH, "0")
     _check_fits(cfg.trainer, can_grow=_connect())
-    result = trainer.fit()
-    print(f"dcgan_dist.ray_launch: done; run directory {cfg.run_dir}, last checkpoint {result.checkpoint.path}",
-          flush=True)
+    # Owned by this driver, so it goes with the job; named, so that every worker finds it.
+    name = f"dcgan-stop-{uuid.uuid4().hex[:12]}"
+    flag = StopFlag.options(name=name).remote()
+    with _DriverStop(flag) as stop:
+        result = _fit(trainer_for(cfg, loop, name))
+    where = result.checkpoint.path if result.checkpoint is not None else "none"
+    if stop.signum:
+        raise Stopped(stop.signum, f"stopped by signal {stop.signum}; last checkpoint {where} (run directory "
+                                   f"{cfg.run_dir}); run the same command again to resume")
+    print(f"dcgan_dist.ray_launch: done; run directory {cfg.run_dir}, last checkpoint {where}", flush=True)
     return result

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, channels: int, num_classes: int, resolution: int):
+    """Three conv-ReLU-pool blocks and a linear head; any input size (pooled to 4x4 at the end)."""
+
+    def __init__(self, channels: int, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(2),
@@ -22,7 +24,6 @@ class SmallCNN(nn.Module):
             nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(True), nn.AdaptiveAvgPool2d(4),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 16, num_classes))
-        self.resolution = resolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -33,7 +34,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, batch_size:
     """Train SmallCNN on images in [-1, 1] with integer labels; small random shifts keep it from overfitting."""
     torch.manual_seed(seed)
     num_classes = int(labels.max()) + 1
-    model = SmallCNN(images.shape[1], num_classes, images.shape[-1]).to(device)
+    model = SmallCNN(images.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)

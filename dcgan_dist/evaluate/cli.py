@@ -106,12 +106,12 @@ def main(argv=None) -> dict:
     if args.command in SHARDED and dist.launched():  # torchrun: each rank on its own device
         ctx = dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     try:
-        subject = load_networks(args.checkpoint, ctx.device if ctx else args.device, args.generator)
-        if subject.note and (ctx is None or ctx.is_main):
-            print(f"note: {subject.note}", file=sys.stderr)
-        out = Path(args.out) if args.out else subject.run_dir / "eval" / subject.path.stem
-        report = Report(args.command, subject, out, args.tensorboard, main=ctx is None or ctx.is_main)
-        return COMMANDS[args.command](args, subject, report)
+        networks = load_networks(args.checkpoint, ctx.device if ctx else args.device, args.generator)
+        if networks.note and (ctx is None or ctx.is_main):
+            print(f"note: {networks.note}", file=sys.stderr)
+        out = Path(args.out) if args.out else networks.run_dir / "eval" / networks.path.stem
+        report = Report(args.command, networks, out, args.tensorboard, main=ctx is None or ctx.is_main)
+        return COMMANDS[args.command](args, networks, report)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

@@ -17,18 +17,18 @@ import torch
 from PIL import Image
 
 from .. import grids, models
-from ..checkpoint import Networks as Subject
+from ..checkpoint import Networks
 from ..data.load import load_images, load_labelled
 from ..distributed import context as dist
-from ..models import decode, generate
+from ..models import generate, generate_images
 from . import classifier, features, fid, latent, precision_recall, reference, sharded
 
 
 class Report:
     """A command's outputs: PNGs and COMMAND.json in out_dir; optionally TensorBoard in the run directory."""
 
-    def __init__(self, command: str, subject: Subject, out_dir: Path, tensorboard: bool, main: bool = True):
-        self.command, self.subject, self.out_dir, self.main = command, subject, out_dir, main
+    def __init__(self, command: str, networks: Networks, out_dir: Path, tensorboard: bool, main: bool = True):
+        self.command, self.networks, self.out_dir, self.main = command, networks, out_dir, main
         self.writer = None
         self.files: list[str] = []
         if not main:  # another rank of a sharded command: rank 0 reports
@@ -37,7 +37,7 @@ class Report:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(subject.run_dir / "tb"))
+            self.writer = SummaryWriter(str(networks.run_dir / "tb"))
 
     def picture(self, name: str, image: Image.Image) -> None:
         path = self.out_dir / f"{self.command}-{name}.png"
@@ -45,7 +45,7 @@ class Report:
         self.files.append(str(path))
         if self.writer is not None:
             self.writer.add_image(f"eval/{self.command}/{name}", np.asarray(image.convert("RGB")),
-                                  self.subject.images, dataformats="HWC")
+                                  self.networks.images, dataformats="HWC")
 
     def say(self, text: str) -> None:
         """A line on the terminal, once (from rank 0 under torchrun)."""
@@ -54,8 +54,8 @@ class Report:
 
     def finish(self, results: dict, scalars: dict[str, float]) -> dict:
         """Write the JSON (results plus what was evaluated) and log the headline scalars; return the JSON."""
-        record = {"command": self.command, "checkpoint": str(self.subject.path),
-                  "checkpoint_images": self.subject.images, "generator": self.subject.generator, **results,
+        record = {"command": self.command, "checkpoint": str(self.networks.path),
+                  "checkpoint_images": self.networks.images, "generator": self.networks.generator, **results,
                   "scalars": scalars, "files": self.files}
         if not self.main:
             return record
@@ -63,21 +63,21 @@ class Report:
         path.write_text(json.dumps(record, indent=2) + "\n")
         if self.writer is not None:
             for name, value in scalars.items():
-                self.writer.add_scalar(f"eval/{self.command}/{name}", value, self.subject.images)
+                self.writer.add_scalar(f"eval/{self.command}/{name}", value, self.networks.images)
             self.writer.close()
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         print(f"{self.command}: {shown}\n  wrote {path}" + "".join(f"\n  wrote {f}" for f in self.files))
         return record
 
 
-# -- the commands: each takes (args, subject, report) and returns report.finish(...) ----------------------------
+# -- the commands: each takes (args, networks, report) and returns report.finish(...) ---------------------------
 
-def cmd_interpolate(args, s: Subject, rep: Report) -> dict:
+def cmd_interpolate(args, s: Networks, rep: Report) -> dict:
     """Rows of smooth walks through random latent points; the largest frame-to-frame jump flags discontinuities."""
     gen = torch.Generator().manual_seed(args.seed)
     points = models.sample_z(args.rows * args.points, s.cfg.model, generator=gen).view(args.rows, args.points, -1)
     z = torch.cat([latent.walk(p, args.frames, args.slerp) for p in points])
-    x = decode(s.G, z, args.batch_size)
+    x = generate_images(s.G, z, args.batch_size)
     rep.picture("walks", Image.fromarray(grids.grid(x, nrow=args.frames)))
     frames = x.view(args.rows, args.frames, -1)
     steps = (frames[:, 1:] - frames[:, :-1]).square().mean(2).sqrt()  # RMS pixel change between frames
@@ -88,11 +88,11 @@ def cmd_interpolate(args, s: Subject, rep: Report) -> dict:
     return rep.finish(results, {"mean_step_rms": float(steps.mean()), "max_step_over_row_mean": jump})
 
 
-def cmd_arithmetic(args, s: Subject, rep: Report) -> dict:
+def cmd_arithmetic(args, s: Networks, rep: Report) -> dict:
     """A numbered sample sheet; with --expr, the arithmetic of exemplar means and noisy variations of it."""
     gen = torch.Generator().manual_seed(args.seed)
     sheet_z = models.sample_z(args.sheet, s.cfg.model, generator=gen)
-    sheet = decode(s.G, sheet_z, args.batch_size)
+    sheet = generate_images(s.G, sheet_z, args.batch_size)
     rep.picture("sheet", grids.render(grids.numbered_rows(sheet, ncol=math.ceil(args.sheet ** 0.5))))
     results = {"seed": args.seed, "sheet": args.sheet, "expr": args.expr}
     if not args.expr:
@@ -102,8 +102,8 @@ def cmd_arithmetic(args, s: Subject, rep: Report) -> dict:
     terms = latent.parse_expression(args.expr, args.sheet)
     means, result = latent.combine(sheet_z, terms)
     variations = latent.jitter(result, args.variations, args.noise, torch.Generator().manual_seed(args.seed + 1))
-    mean_images = decode(s.G, means)
-    out_images = decode(s.G, torch.cat([result[None], variations]))
+    mean_images = generate_images(s.G, means)
+    out_images = generate_images(s.G, torch.cat([result[None], variations]))
     rows = [[(sheet[i], f"{'+' if sign > 0 else '-'}#{i}") for i in idx] + [(mean_images[t], "mean")]
             for t, (sign, idx) in enumerate(terms)]
     rows.append([(out_images[0], "result")] + [(img, f"noise {j + 1}") for j, img in enumerate(out_images[1:])])
@@ -113,7 +113,7 @@ def cmd_arithmetic(args, s: Subject, rep: Report) -> dict:
     return rep.finish(results, {})
 
 
-def cmd_features(args, s: Subject, rep: Report) -> dict:
+def cmd_features(args, s: Networks, rep: Report) -> dict:
     """Linear-SVM accuracy of trained-D features against random-D features and raw pixels, on held-out data."""
     res, ch = s.cfg.model.resolution, s.cfg.model.channels
     shards = args.shards or s.cfg.data.shards
@@ -155,7 +155,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096
     return best_d, best_i
 
 
-def cmd_nearest(args, s: Subject, rep: Report) -> dict:
+def cmd_nearest(args, s: Networks, rep: Report) -> dict:
     """Nearest training images of generated samples in pixel and D-feature space, against held-out real ones."""
     cfg = s.cfg
     real = load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
@@ -179,8 +179,8 @@ def cmd_nearest(args, s: Subject, rep: Report) -> dict:
     for i in range(min(args.show, args.n)):
         row = [(fake[i], f"sample {i}")]
         for space, tag in (("pixel", "px"), ("D_feature", "D")):
-            dist, idx = found[space][0][i], found[space][1][i]
-            row += [(bank[j], f"{tag} {d:.3g}") for d, j in zip(dist.tolist(), idx.tolist())]
+            distances, indices = found[space][0][i], found[space][1][i]
+            row += [(bank[j], f"{tag} {d:.3g}") for d, j in zip(distances.tolist(), indices.tolist())]
         rows.append(row)
         shown.append({space: {"distances": found[space][0][i].tolist(),
                               "bank_indices": (found[space][1][i] + args.n).tolist()} for space in spaces})
@@ -190,7 +190,7 @@ def cmd_nearest(args, s: Subject, rep: Report) -> dict:
     return rep.finish(results, {f"{space}/ratio": v["ratio"] for space, v in summary.items()})
 
 
-def cmd_coverage(args, s: Subject, rep: Report) -> dict:
+def cmd_coverage(args, s: Networks, rep: Report) -> dict:
     """A classifier of the real labels classifies N samples: per-class shares, their entropy, confidence."""
     cfg = s.cfg
     x, y = load_labelled(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
@@ -209,7 +209,7 @@ def cmd_coverage(args, s: Subject, rep: Report) -> dict:
     return rep.finish(results, scalars)
 
 
-def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _inception_features(args, s: Networks) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Inception pool features of real shard images (cached, reference.py) and of generated samples, each rank
     under torchrun embedding its share (shared by fid, kid and pr); the protocol, printed on rank 0."""
     cfg = s.cfg
@@ -221,7 +221,7 @@ def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, d
     real_f, cached = reference.real_features(net, real, inception, reference.cache_dir(args.reference_cache),
                                              rank, world, s.device)
     z = models.sample_z(args.n, cfg.model, generator=torch.Generator().manual_seed(args.seed))
-    fake_f = sharded.embed(z, lambda part: fid.inception_features(net, decode(s.G, part, args.batch_size)),
+    fake_f = sharded.embed(z, lambda part: fid.inception_features(net, generate_images(s.G, part, args.batch_size)),
                            rank, world, s.device)
     generated = {"images": args.n, "generator": s.generator, "seed": args.seed}
     protocol = {"real": real, "inception": inception, "generated": generated, "cached": cached}
@@ -233,7 +233,7 @@ def _inception_features(args, s: Subject) -> tuple[torch.Tensor, torch.Tensor, d
     return real_f, fake_f, info
 
 
-def cmd_fid(args, s: Subject, rep: Report) -> dict:
+def cmd_fid(args, s: Networks, rep: Report) -> dict:
     """Fréchet Inception distance between generated samples and the shard set."""
     real_f, fake_f, info = _inception_features(args, s)
     value = fid.frechet_distance(*fid.statistics(real_f), *fid.statistics(fake_f))
@@ -245,7 +245,7 @@ def cmd_fid(args, s: Subject, rep: Report) -> dict:
     return rep.finish({"fid": value, **info}, {"fid": value, "n_generated": info["n_generated"]})
 
 
-def cmd_kid(args, s: Subject, rep: Report) -> dict:
+def cmd_kid(args, s: Networks, rep: Report) -> dict:
     """Kernel Inception distance (mean and std over random subsets) between samples and the shard set."""
     real_f, fake_f, info = _inception_features(args, s)
     mean, std, m = fid.kernel_distance(real_f, fake_f, args.subsets, args.subset_size, args.seed)
@@ -255,7 +255,7 @@ def cmd_kid(args, s: Subject, rep: Report) -> dict:
     return rep.finish(results, {"kid": mean, "n_generated": info["n_generated"]})
 
 
-def cmd_pr(args, s: Subject, rep: Report) -> dict:
+def cmd_pr(args, s: Networks, rep: Report) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019, k nearest neighbours) on FID's Inception features."""
     real_f, fake_f, info = _inception_features(args, s)
     precision, recall = precision_recall.precision_recall(real_f.to(s.device), fake_f.to(s.device), args.k)

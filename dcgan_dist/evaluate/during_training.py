@@ -22,9 +22,6 @@ from ..distributed import context as dist
 from ..distributed.context import Context
 from . import classifier, fid, reference, sharded
 
-BEST = "best.pt"
-
-
 def build(cfg: Config, ctx: Context) -> "TrainingEval | None":
     """The evaluator (on every rank) when eval.metric is set; every rank first checks the FID weights exist."""
     if cfg.eval.metric is None:
@@ -42,7 +39,7 @@ class TrainingEval:
 
     def __init__(self, cfg: Config, ctx: Context):
         self.cfg, self.ctx, self.metric = cfg, ctx, cfg.eval.metric
-        self.best_path = checkpoint.directory(cfg.run_dir) / BEST
+        self.best_path = checkpoint.best_path(cfg.run_dir)
         self.best = self._previous_best() if ctx.is_main else None
         # The reference is built now, so that a bad weights file or unlabelled shards fail before training,
         # not hours into it; the judge's seeded fit runs on a forked RNG so training's stays where it was.
@@ -81,8 +78,8 @@ class TrainingEval:
     def _previous_best(self) -> float | None:
         if not self.best_path.exists():
             return None
-        saved = checkpoint.load(self.best_path).get("eval", {})
-        return saved.get("score") if saved.get("metric") == self.metric else None
+        best = checkpoint.load(self.best_path).best
+        return best.score if best is not None and best.metric == self.metric else None
 
     def _improves(self, score: float) -> bool:
         if self.best is None:
@@ -96,7 +93,7 @@ class TrainingEval:
 
         def embed(z_part: torch.Tensor) -> torch.Tensor:
             with models.eval_mode(g):  # running batchnorm statistics, as for the sample grids
-                samples = models.decode(g, z_part)
+                samples = models.generate_images(g, z_part)
             if self.metric == "fid":
                 return fid.inception_features(self.net, samples)
             return classifier.predict_proba(self.judge, samples)
@@ -110,13 +107,11 @@ class TrainingEval:
         log.scalars(images, values)
         if self.cfg.eval.keep_best and self._improves(score):
             self.best = score
-            state = {"G": G.state_dict(), "D": D.state_dict(), "config": config_mod.to_dict(self.cfg),
-                     "images": images, "eval": {"metric": self.metric, "score": score, "images": images,
-                                                "generator": "G_ema" if use_ema else "G"}}
-            if G_ema is not None:
-                state["G_ema"] = G_ema.state_dict()
-            checkpoint.save(state, self.best_path)
-            log.message(f"best {self.metric} of {state['eval']['generator']} so far, {score:.4g} at {images} "
+            scored = checkpoint.Best(self.metric, score, "G_ema" if use_ema else "G")
+            checkpoint.save(checkpoint.Checkpoint(
+                config=config_mod.to_dict(self.cfg), images=images, G=G.state_dict(), D=D.state_dict(),
+                G_ema=G_ema.state_dict() if G_ema is not None else None, best=scored), self.best_path)
+            log.message(f"best {self.metric} of {scored.generator} so far, {score:.4g} at {images} "
                         f"images: saved {self.best_path}")
         return values
 

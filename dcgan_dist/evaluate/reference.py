@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import files
-from ..data import shardset, storage
-from ..data.load import load_images
+from ..data import load, shardset, storage
 from ..data.manifest import file_sha256, read_manifest
 from ..distributed import context as dist
 from . import fid, sharded
@@ -30,6 +29,7 @@ INCEPTION_INPUT = ("uint8 RGB (greyscale repeated), resized to 299x299 by the TF
 QUANTISATION = "quantised to uint8 (rounded from [-1, 1]) exactly as the reals are stored (pixels.to_uint8)"
 DECODE = ("decoded as training decodes them (data/images.decode_image): centre square, Lanczos only if stored "
           "at another size")
+BATCH = 50  # real images decoded and embedded at a time (fid.inception_features' own batch): the memory bound
 
 
 def default_cache() -> Path:
@@ -92,17 +92,33 @@ def real_features(net: torch.nn.Module, real: dict, inception: dict, cache: Path
         saved = dist.broadcast_object(torch.load(path, weights_only=True) if rank == 0 else None)
         real["images"] = saved["images"]
         return saved["features"].double(), True
-    images = load_images(real["shards"], real["resolution"], real["channels"], real["images"])
-    real["images"] = len(images)
-    features = sharded.embed(images, lambda x: fid.inception_features(net, x), rank, world_size,
-                             device or torch.device("cpu"))
+    # One process reads up to the limit and counts what it got; ranks need the total first, for their shares.
+    n = None if world_size == 1 else load.count(real["shards"], real["images"])
+    part = slice(0, real["images"]) if n is None else sharded.share(n, rank, world_size)
+    features = _embed(net, real, inception["dims"], part)
+    if n is None:
+        n = len(features)
+    elif len(features) != part.stop - part.start:
+        raise ValueError(f"shard set {real['shards']!r}: images {part.start} to {part.stop - 1} of {n} were to be "
+                         f"read, but only {len(features)} were there (does the manifest match the shards?)")
+    if n == 0:
+        raise ValueError(f"shard set {real['shards']!r} holds no images")
+    real["images"] = n
+    features = sharded.gather(features, n, rank, world_size, device or torch.device("cpu"))
     if path is not None and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The network computes in float32: storing float32 loses nothing and halves the file.
         with files.atomic_open(path) as f:
-            torch.save({"features": features.float(), "images": len(images), "protocol": real,
-                        "inception": inception}, f)
+            torch.save({"features": features.float(), "images": n, "protocol": real, "inception": inception}, f)
     return features, False
+
+
+def _embed(net: torch.nn.Module, real: dict, dims: int, part: slice) -> torch.Tensor:
+    """Features of the real images in part, read and embedded BATCH at a time: only features accumulate."""
+    batches = load.image_batches(real["shards"], real["resolution"], real["channels"], BATCH, part.start,
+                                 part.stop)
+    return torch.cat([torch.empty((0, dims), dtype=torch.float64)]
+                     + [fid.inception_features(net, x) for x in batches])
 
 
 def describe(protocol: dict) -> str:

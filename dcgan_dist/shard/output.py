@@ -38,10 +38,11 @@ class LocalDir:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold OUTDIR for this run: a second run at the same time is told who holds it, instead of both
-        writing the same shards. The kernel drops the lock when a process dies, so a killed run never blocks."""
+        writing the same shards. A POSIX record lock belongs to this process alone (forked workers do not inherit
+        it, as they would a flock) and the kernel drops it when the process dies, so a killed run never blocks."""
         with open(self.path / LOCK, "a+") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
@@ -55,7 +56,7 @@ class LocalDir:
                 yield
             finally:
                 f.truncate(0)
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.lockf(f, fcntl.LOCK_UN)
 
     def __str__(self) -> str:
         return str(self.path)

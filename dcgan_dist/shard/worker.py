@@ -7,9 +7,13 @@ what makes the output independent of --workers.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
+import os
 import pickle
+import signal
+import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -117,10 +121,20 @@ class Worker:
 
 
 _worker: Worker | None = None
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _start(worker_args: bytes) -> None:
+def _end_with(parent: int) -> None:
+    """Make this worker process die with the run that started it, so that a killed run leaves no orphans."""
+    if sys.platform.startswith("linux"):  # the kernel sends SIGKILL when the parent exits
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect (elsewhere, only this start-up check)
+        os._exit(1)
+
+
+def _start(parent: int, worker_args: bytes) -> None:
     global _worker
+    _end_with(parent)
     _worker = Worker(*pickle.loads(worker_args))
 
 
@@ -146,7 +160,8 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 CRASHED = "decoder crashed (its worker process died)"
 
 
-def _solo(method: str, worker_args: tuple, item: tuple, conn) -> None:
+def _solo(parent: int, method: str, worker_args: tuple, item: tuple, conn) -> None:
+    _end_with(parent)
     conn.send(getattr(Worker(*worker_args), method)(*item))
     conn.close()
 
@@ -154,7 +169,7 @@ def _solo(method: str, worker_args: tuple, item: tuple, conn) -> None:
 def _isolated(ctx, method: str, worker_args: tuple, item: tuple) -> Result:
     """One item in a fresh process of its own: its result, or a skip when the process dies on it."""
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_solo, args=(method, worker_args, item, send), daemon=True)
+    proc = ctx.Process(target=_solo, args=(os.getpid(), method, worker_args, item, send), daemon=True)
     proc.start()
     send.close()
     try:
@@ -184,7 +199,8 @@ def mapped(method: str, items: Iterable[tuple[int, str, object]], worker_args: t
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
     def new_pool() -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(workers, ctx, initializer=_start, initargs=(pickle.dumps(worker_args),))
+        pool = ProcessPoolExecutor(workers, ctx, initializer=_start,
+                                   initargs=(os.getpid(), pickle.dumps(worker_args)))
         for ready in [pool.submit(_ready) for _ in range(workers)]:  # all forked before the next item is drawn
             ready.result()
         return pool

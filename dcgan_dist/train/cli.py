@@ -47,8 +47,15 @@ def main(argv=None) -> None:
     from .health import NonFinite
     from .loop import train
     from .resume import ResumeError
-    from .stop import Stopped
+    from ..distributed.interruptions import Stopped
 
+    if cfg.trainer.num_workers > 0:
+        from ..distributed import ray_launch  # imported only here: a local run never loads Ray
+
+        try:
+            ray_launch.check_ray()  # before any data is written
+        except ray_launch.RayUnsupported as err:
+            raise SystemExit(f"error: {err}")
     prepare_data(cfg)
     try:
         steps_per_pass(resolve(cfg.data.shards), cfg, world_size=1)  # every data error before any process starts
@@ -56,8 +63,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}")
     try:
         if cfg.trainer.num_workers > 0:
-            from ..distributed import ray_launch  # imported only here: a local run never loads Ray
-
             ray_launch.run(cfg, train)
         else:
             train(cfg)

@@ -6,18 +6,24 @@ by D across all ranks; a rerun with the same run directory resumes from the newe
 world size). A run that goes non-finite rolls back to its newest checkpoint (health.py); SIGTERM or SIGINT stops
 it at a step boundary with a checkpoint (stop.py). A launcher that hears of node preemptions (Ray) hands in a
 `preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
-checkpoint and raises distributed.preemption.Preempted.
+checkpoint and raises distributed.interruptions.Preempted.
+
+Read top to bottom: train() retries attempts after rollbacks; an attempt builds a Run (the networks, the data
+stream, the logs and the run's position, restored from the newest checkpoint) and steps it. After every step,
+each interval that the step crossed runs its named function: end_window (statistics, the stop agreement, the
+preemption probe), sample_grids, evaluate, save_checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+from torch import nn
 
 from .. import checkpoint, files, models, pixels
 from .. import config as config_mod
@@ -25,13 +31,13 @@ from ..config import Config
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
 from ..distributed import context as dist
-from ..distributed.preemption import Preempted, PreemptionProbe
+from ..distributed.interruptions import Notice, Preempted, PreemptionProbe, StopProbe, Stopped
 from ..evaluate import during_training
 from . import health, perf, resume
-from .nets import build_nets, make_step
+from .nets import Nets, build_nets, make_step
 from .runlog import RunLog
 from .step import STAT_NAMES
-from .stop import StopRequest, Stopped, ignore_in_loader_workers
+from .stop import StopRequest, ignore_in_loader_workers
 
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]
@@ -45,186 +51,276 @@ def z_for_step(cfg: Config, step: int, rank: int, n: int, device: torch.device, 
     return models.sample_z(n, cfg.model, device=device, generator=gen)
 
 
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` images lies in (before, after]: an interval ended with this step."""
+    return after // every > before // every
+
+
 def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None,
-          preemption: PreemptionProbe | None = None) -> dict:
-    """Run the training loop to cfg.train.images; return the last logged metrics (on every rank)."""
+          preemption: PreemptionProbe | None = None, stop_probe: StopProbe | None = None) -> dict:
+    """Run the training loop to cfg.train.images; return the last logged metrics (on every rank).
+
+    A launcher hands in hooks: on_checkpoint after every checkpoint, preemption and stop_probe at every log
+    interval (all on every rank, equally often)."""
     ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
-    in_a_row, progress = 0, {}  # progress["since_rollback"]: a checkpoint was written since the last rollback
+    in_a_row = 0  # rollbacks since a checkpoint was last written: each one draws new latents
     try:
         with StopRequest() as stop:
             while True:
+                run = Run.start(cfg, ctx, resume_from, in_a_row)
                 try:
-                    return _run(cfg, ctx, resume_from, on_checkpoint, preemption, stop, in_a_row, progress)
+                    return run.train(stop, on_checkpoint, preemption, stop_probe)
                 except health.NonFinite as err:
-                    in_a_row = 1 if progress.pop("since_rollback", 0) else in_a_row + 1
-                    if cfg.train.on_nonfinite == "stop" or in_a_row > cfg.train.max_rollbacks:
-                        why = "train.on_nonfinite=stop" if cfg.train.on_nonfinite == "stop" else \
-                            f"{cfg.train.max_rollbacks} rollbacks in a row did not help (train.max_rollbacks)"
-                        raise health.NonFinite(f"{err}; stopped: {why}. Every checkpoint in "
-                                               f"{checkpoint.directory(cfg.run_dir)} is finite") from None
-                    if ctx.is_main:
-                        print(f"dcgan_dist: {err}: rolling back to the newest checkpoint with new latent draws "
-                              f"(rollback {in_a_row} of at most {cfg.train.max_rollbacks})", flush=True)
+                    in_a_row = 1 if run.checkpoints_written else in_a_row + 1
+                    _give_up_or_roll_back(cfg, ctx, err, in_a_row)
                     resume_from = None  # the run directory's newest checkpoint: all of them are finite
+                finally:
+                    run.close()
     finally:
         dist.shutdown(ctx)
 
 
-def _run(cfg: Config, ctx: dist.Context, resume_from: Path | None, on_checkpoint: CheckpointHook | None,
-         preemption: PreemptionProbe | None, stop: StopRequest, extra_rollbacks: int, progress: dict) -> dict:
-    run_dir, device = Path(cfg.run_dir), ctx.device
-    shards = resolve(cfg.data.shards)
-    nets = build_nets(cfg, ctx)
-    start = resume.restore(nets, cfg, ctx, shards, resume_from)
-    opt_g, opt_d = nets.opt_g, nets.opt_d
-    rollbacks = start.rollbacks + extra_rollbacks
-    step_fn = make_step(nets, cfg, ctx)
-    G, D, ema, fmt = nets.G, nets.D, nets.ema, perf.memory_format(nets.resolved.channels_last)
-    cfg = perf.with_resolved(cfg, nets.resolved)  # what config.yaml and the checkpoints record
-
-    position = StreamPosition(shards, cfg, ctx.world_size, start.data_step, start.consumed)
-    loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=start.data_step,
-                         pin_memory=device.type == "cuda", worker_init_fn=ignore_in_loader_workers,
-                         start_consumed=position.consumed)
-    batches = iter(loader)
-    per_step = cfg.train.batch_size * ctx.world_size
-    images_seen, step, data_step, skipped = start.images, start.step, start.data_step, start.skipped
-    target = images_seen + max(0, math.ceil((cfg.train.images - images_seen) / per_step)) * per_step
-    fixed_z = models.sample_z(cfg.log.grid_size, cfg.model, generator=torch.Generator().manual_seed(cfg.train.seed))
-    fixed_z = fixed_z.to(device)
-
-    log = None
+def _give_up_or_roll_back(cfg: Config, ctx: dist.Context, err: health.NonFinite, in_a_row: int) -> None:
+    """Raise when train.on_nonfinite or train.max_rollbacks says to stop; else say that the run rolls back."""
+    if cfg.train.on_nonfinite == "stop" or in_a_row > cfg.train.max_rollbacks:
+        why = "train.on_nonfinite=stop" if cfg.train.on_nonfinite == "stop" else \
+            f"{cfg.train.max_rollbacks} rollbacks in a row did not help (train.max_rollbacks)"
+        raise health.NonFinite(f"{err}; stopped: {why}. Every checkpoint in {checkpoint.directory(cfg.run_dir)} "
+                                f"is finite") from None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
-        log = RunLog(run_dir, cfg, target, images_seen)
-        log.message(nets.resolved.describe())
-        log.message(f"G_ema: half-life {ema.half_life} images, batchnorm statistics: {cfg.train.ema_bn} "
-                    f"(train.ema_*)" if ema is not None else "G_ema: off (train.ema_images=0)")
-        if start.path is not None:
-            log.message(f"resumed from {start.path} at {images_seen} images")
-        for message in start.messages:
-            log.message(f"  {message}")
-    evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
-    if log is not None and evaluator is not None:
-        log.message(evaluator.describe())
-    watch = health.CollapseWatch()
+        print(f"dcgan_dist: {err}: rolling back to the newest checkpoint with new latent draws "
+              f"(rollback {in_a_row} of at most {cfg.train.max_rollbacks})", flush=True)
 
-    stat_sum = torch.zeros(len(STAT_NAMES), device=device)
-    steps_in_window, window_start = 0, time.perf_counter()
-    metrics: dict = {}
-    notice = None  # a preemption notice: checkpoint now, then stop stepping
-    try:
-        while images_seen < target:
-            images_u8, n_skipped, n_bad_shards = next(batches)
-            if log is not None and images_seen == 0:
-                log.grid("real", pixels.from_uint8(images_u8[: cfg.log.grid_size], device), 0)
-            real = pixels.from_uint8(images_u8, device).contiguous(memory_format=fmt)
-            z = z_for_step(cfg, step, ctx.rank, real.shape[0], device, rollbacks)
 
-            if ema is not None:
-                ema.prepare(images_seen)
-            stat_sum += step_fn(real, z)
-            # G_ema as sampled (standing statistics under ema_bn=recompute): built once, if grids, eval or a checkpoint
-            g_ema = functools.cache(lambda: ema.for_sampling() if ema is not None else None)
-            skipped = [skipped[0] + n_skipped, skipped[1] + n_bad_shards]
-            position.took(data_step, n_skipped)
-            step, data_step = step + 1, data_step + 1
-            steps_in_window += 1
-            prev, images_seen = images_seen, images_seen + per_step
-            done = images_seen >= target
-            # One process checks for a stop request every step; ranks agree on it through the interval's reduction.
-            stopping = bool(stop.signum) and ctx.world_size == 1
+@dataclass
+class Window:
+    """The log interval being accumulated: per-step statistics summed on the device, so the step never syncs."""
+    stat_sum: torch.Tensor
+    steps: int = 0
+    began: float = field(default_factory=time.perf_counter)
 
-            def crossed(every: int) -> bool:
-                return images_seen // every > prev // every or done or stopping
+    def restart(self) -> None:
+        self.stat_sum.zero_()
+        self.steps, self.began = 0, time.perf_counter()
 
-            if crossed(cfg.log.every_images):
-                # One host synchronisation per logging interval: averages over steps and ranks, summed throughput.
-                elapsed = time.perf_counter() - window_start
-                host = torch.tensor([*skipped, steps_in_window * cfg.train.batch_size / elapsed,
-                                     float(bool(stop.signum))], device=device)
-                values = dist.all_reduce_sum(torch.cat([stat_sum / steps_in_window, host])).tolist()
-                metrics = {name: v / ctx.world_size for name, v in zip(STAT_NAMES, values)}
-                health.check_metrics(metrics, images_seen)
-                metrics["data/skipped_samples"], metrics["data/skipped_shards"] = values[len(STAT_NAMES):-2]
-                metrics["perf/images_per_sec"], metrics["perf/world_size"] = values[-2], ctx.world_size
-                stopping = stopping or values[-1] > 0
-                alarm = watch.update(metrics)
-                metrics["images"] = images_seen
-                if log is not None:
-                    log.scalars(images_seen, {k: v for k, v in metrics.items() if k != "images"})
-                    if alarm:
-                        log.alarm(images_seen, alarm)
-                stat_sum.zero_()
-                steps_in_window, window_start = 0, time.perf_counter()
+
+@dataclass
+class Run:
+    """One attempt at the run: what it trains with and where it stands. Checkpoints record the position fields."""
+    cfg: Config                    # perf settings resolved: what config.yaml and the checkpoints record
+    ctx: dist.Context
+    nets: Nets
+    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batches: Iterator              # the data stream: (uint8 images, corrupt samples skipped, bad shards skipped)
+    position: StreamPosition       # the stream's position within the pass, for an exact resume
+    images: int                    # images seen by D across all ranks
+    step: int                      # steps taken: seeds the latent draws
+    data_step: int                 # batches taken from the stream
+    rollbacks: int                 # non-finite rollbacks so far: shifts the latent draws
+    skipped: list[int]             # this rank's [corrupt samples, unreadable shards]
+    target: int                    # train.images rounded up to whole global batches
+    fixed_z: torch.Tensor          # the sample grids' latents, the same for the whole run
+    window: Window
+    log: RunLog | None = None      # rank 0 only
+    evaluator: during_training.TrainingEval | None = None
+    watch: health.CollapseWatch = field(default_factory=health.CollapseWatch)
+    metrics: dict = field(default_factory=dict)  # the last log interval's, on every rank
+    checkpoints_written: int = 0
+    began: float = field(default_factory=time.perf_counter)  # this attempt's start, for the done line
+    _g_ema: tuple[int, nn.Module | None] | None = None  # (images, G_ema as sampled) for this step's users
+
+    @classmethod
+    def start(cls, cfg: Config, ctx: dist.Context, resume_from: Path | None, extra_rollbacks: int) -> "Run":
+        """Networks, data stream and logs, at the newest checkpoint's position (or at 0)."""
+        device = ctx.device
+        shards = resolve(cfg.data.shards)
+        nets = build_nets(cfg, ctx)
+        at = resume.restore(nets, cfg, ctx, shards, resume_from)
+        step_fn = make_step(nets, cfg, ctx)
+        cfg = perf.with_resolved(cfg, nets.resolved)
+        position = StreamPosition(shards, cfg, ctx.world_size, at.data_step, at.consumed)
+        loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=at.data_step,
+                             pin_memory=device.type == "cuda", worker_init_fn=ignore_in_loader_workers,
+                             start_consumed=position.consumed)
+        per_step = cfg.train.batch_size * ctx.world_size
+        target = at.images + max(0, math.ceil((cfg.train.images - at.images) / per_step)) * per_step
+        fixed_z = models.sample_z(cfg.log.grid_size, cfg.model,
+                                  generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+        run = cls(cfg, ctx, nets, step_fn, iter(loader), position, at.images, at.step, at.data_step,
+                  at.rollbacks + extra_rollbacks, at.skipped, target, fixed_z,
+                  Window(torch.zeros(len(STAT_NAMES), device=device)))
+        if ctx.is_main:
+            run.log = _open_log(cfg, nets, at, target)
+        run.evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
+        if run.log is not None and run.evaluator is not None:
+            run.log.message(run.evaluator.describe())
+        return run
+
+    def train(self, stop: StopRequest, on_checkpoint: CheckpointHook | None, preemption: PreemptionProbe | None,
+              stop_probe: StopProbe | None = None) -> dict:
+        """Step until the target; after each step, run every interval the step ended. The last metrics."""
+        cfg, every = self.cfg, self.cfg.log
+        while self.images < self.target:
+            before = self.take_step()
+            done = self.images >= self.target
+            # One process reads the signal flag every step; ranks agree on it through the interval's reduction.
+            stopping = self.ctx.world_size == 1 and bool(stop.signum)
+            notice = None
+            if crossed(before, self.images, every.every_images) or done or stopping:
+                if stop_probe is not None:
+                    stop.request(stop_probe(), "the launcher's driver")
+                stopping = self.end_window(stop) or stopping
                 if preemption is not None and not done:
-                    notice = preemption()  # on every rank at the same step: the probe is a barrier under Ray
-                    if notice is not None and log is not None:
-                        log.alarm(images_seen, f"preemption notice: {notice}; writing a just-in-time checkpoint")
-
-            if log is not None and crossed(cfg.log.sample_every_images) and not stopping:
-                # G and G_ema side by side in TensorBoard; the PNG shows the one users sample from.
-                png = run_dir / "samples" / f"samples-{images_seen:012d}.png"
-                with models.eval_mode(models.base_module(G)) as g:
-                    log.grid("samples/fixed_noise", g(fixed_z), images_seen, None if ema is not None else png)
-                if ema is not None:
-                    with models.eval_mode(g_ema()) as g:
-                        log.grid("samples/fixed_noise_ema", g(fixed_z), images_seen, png)
-
-            if evaluator is not None and crossed(cfg.eval.every_images) and not stopping:
-                began = time.perf_counter()
-                evaluator(models.base_module(G), g_ema(), models.base_module(D), images_seen, log)
-                took = time.perf_counter() - began
-                if log is not None and ctx.world_size > 1 and took > cfg.trainer.collective_timeout_s / 2:
-                    log.alarm(images_seen, f"the evaluation took {took:.0f} s; at trainer.collective_timeout_s="
-                                           f"{cfg.trainer.collective_timeout_s:g} s a rank that finishes its "
-                                           f"share first may time out: raise it, or lower eval.samples")
-
-            if crossed(cfg.log.checkpoint_every_images) or notice is not None:
-                # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
-                bad = health.nonfinite_parameters({"G": models.base_module(G), "D": models.base_module(D),
-                                                   **({"G_ema": ema.module} if ema is not None else {})})
-                if dist.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item() > 0:
-                    raise health.NonFinite(f"non-finite weights at {images_seen} images"
-                                           + (f" in {' and '.join(bad)}" if bad else " on another rank"))
-                path = None
-                all_skipped = dist.gather_lists(skipped)
-                all_consumed = dist.gather_lists(position.consumed or [])
-                if ctx.is_main:
-                    state = {
-                        "G": models.base_module(G).state_dict(), "D": models.base_module(D).state_dict(),
-                        "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
-                        "images": images_seen, "step": step, "data_step": data_step, "rollbacks": rollbacks,
-                        "geometry": resume.geometry(cfg, ctx), "world_size": ctx.world_size,
-                        "skipped": all_skipped, "consumed": all_consumed, "rng": checkpoint.rng_state(),
-                        "config": config_mod.to_dict(cfg),
-                    }
-                    if ema is not None:
-                        state["G_ema"] = g_ema().state_dict()
-                    path = checkpoint.save(state, checkpoint.path_for(run_dir, images_seen),
-                                           cfg.log.keep_checkpoints, cfg.log.keep_every_images)
-                progress["since_rollback"] = 1
-                dist.barrier(cfg.trainer.collective_timeout_s)
-                if on_checkpoint is not None:
-                    on_checkpoint(path, metrics)
-
+                    notice = self.probe(preemption)
+            if not stopping and (crossed(before, self.images, every.sample_every_images) or done):
+                self.sample_grids()
+            if not stopping and self.evaluator is not None and (
+                    crossed(before, self.images, cfg.eval.every_images) or done):
+                self.evaluate()
+            if crossed(before, self.images, every.checkpoint_every_images) or done or stopping or notice:
+                self.save_checkpoint(on_checkpoint)
             if notice is not None:
-                raise Preempted(notice, images_seen)
+                raise Preempted(notice, self.images)
             if stopping:
-                raise Stopped(stop.signum, f"stopped by signal {stop.signum} at {images_seen} images; checkpoint "
-                                           f"{checkpoint.path_for(run_dir, images_seen)}; rerun the same command "
-                                           f"to resume")
-        if log is not None:
-            log.message(f"done: {images_seen} images. TensorBoard: tensorboard --logdir {run_dir / 'tb'}\n"
-                        f"  samples: {run_dir / 'samples'}\n  checkpoint: {checkpoint.latest(run_dir)}")
-    finally:
-        # Shut the loader workers down now, gracefully: an exception's traceback keeps the iterator alive until
-        # interpreter exit, where multiprocessing would SIGTERM workers that ignore it (stop.py) and wait forever.
-        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own clean shutdown
+                raise Stopped(stop.signum, f"stopped by signal {stop.signum} at {self.images} images; checkpoint "
+                                           f"{checkpoint.path_for(cfg.run_dir, self.images)}; rerun the same "
+                                           f"command to resume")
+        if self.log is not None:
+            took = time.perf_counter() - self.began
+            self.log.message(f"done: {self.images} images in {took:.0f} s. TensorBoard: tensorboard --logdir "
+                             f"{Path(cfg.run_dir) / 'tb'}\n  samples: {Path(cfg.run_dir) / 'samples'}\n"
+                             f"  checkpoint: {checkpoint.latest(cfg.run_dir)}")
+        return self.metrics
+
+    def take_step(self) -> int:
+        """One GAN step on the stream's next batch; the image count before it."""
+        images_u8, n_skipped, n_bad_shards = next(self.batches)
+        device, fmt = self.ctx.device, perf.memory_format(self.nets.resolved.channels_last)
+        if self.log is not None and self.images == 0:
+            self.log.grid("real", pixels.from_uint8(images_u8[: self.cfg.log.grid_size], device), 0)
+        real = pixels.from_uint8(images_u8, device).contiguous(memory_format=fmt)
+        z = z_for_step(self.cfg, self.step, self.ctx.rank, real.shape[0], device, self.rollbacks)
+        if self.nets.ema is not None:
+            self.nets.ema.prepare(self.images)
+        self.window.stat_sum += self.step_fn(real, z)  # on the device: no host read
+        self.window.steps += 1
+        self.skipped = [self.skipped[0] + n_skipped, self.skipped[1] + n_bad_shards]
+        self.position.took(self.data_step, n_skipped)
+        self.step, self.data_step = self.step + 1, self.data_step + 1
+        before, self.images = self.images, self.images + self.cfg.train.batch_size * self.ctx.world_size
+        return before
+
+    def end_window(self, stop: StopRequest) -> bool:
+        """The log interval's one host synchronisation: statistics averaged over steps and ranks, throughput summed,
+        the health checks, TensorBoard. Whether any rank was asked to stop."""
+        w, ctx = self.window, self.ctx
+        elapsed = time.perf_counter() - w.began
+        host = torch.tensor([*self.skipped, w.steps * self.cfg.train.batch_size / elapsed, float(bool(stop.signum))],
+                            device=ctx.device)
+        values = dist.all_reduce_sum(torch.cat([w.stat_sum / w.steps, host])).tolist()
+        metrics = {name: v / ctx.world_size for name, v in zip(STAT_NAMES, values)}
+        health.check_metrics(metrics, self.images)
+        metrics["data/skipped_samples"], metrics["data/skipped_shards"] = values[len(STAT_NAMES):-2]
+        metrics["perf/images_per_sec"], metrics["perf/world_size"] = values[-2], ctx.world_size
+        alarm = self.watch.update(metrics)
+        if self.log is not None:
+            self.log.scalars(self.images, metrics)
+            if alarm:
+                self.log.alarm(self.images, alarm)
+        self.metrics = {**metrics, "images": self.images}
+        w.restart()
+        return values[-1] > 0
+
+    def probe(self, preemption: PreemptionProbe) -> Notice | None:
+        """The launcher's preemption notice, if any (on every rank at the same step: a barrier under Ray)."""
+        notice = preemption()
+        if notice is not None and self.log is not None:
+            self.log.alarm(self.images, f"preemption notice: {notice}; writing a just-in-time checkpoint")
+        return notice
+
+    def g_ema(self) -> nn.Module | None:
+        """G_ema as sampled (standing statistics under ema_bn=recompute), built at most once per step."""
+        if self.nets.ema is None:
+            return None
+        if self._g_ema is None or self._g_ema[0] != self.images:
+            self._g_ema = (self.images, self.nets.ema.for_sampling())
+        return self._g_ema[1]
+
+    def sample_grids(self) -> None:
+        """G and G_ema on the fixed latents, side by side in TensorBoard; the PNG shows the one users sample from."""
+        if self.log is None:
+            return
+        png = Path(self.cfg.run_dir) / "samples" / f"samples-{self.images:012d}.png"
+        ema = self.nets.ema
+        with models.eval_mode(models.base_module(self.nets.G)) as g:
+            self.log.grid("samples/fixed_noise", g(self.fixed_z), self.images, None if ema is not None else png)
+        if ema is not None:
+            with models.eval_mode(self.g_ema()) as g:
+                self.log.grid("samples/fixed_noise_ema", g(self.fixed_z), self.images, png)
+
+    def evaluate(self) -> None:
+        """FID or coverage on every rank (each its share of the samples); rank 0 logs it and keeps best.pt."""
+        began = time.perf_counter()
+        nets = self.nets
+        self.evaluator(models.base_module(nets.G), self.g_ema(), models.base_module(nets.D), self.images, self.log)
+        took, timeout = time.perf_counter() - began, self.cfg.trainer.collective_timeout_s
+        if self.log is not None and self.ctx.world_size > 1 and took > timeout / 2:
+            self.log.alarm(self.images, f"the evaluation took {took:.0f} s; at trainer.collective_timeout_s="
+                                        f"{timeout:g} s a rank that finishes its share first may time out: raise "
+                                        f"it, or lower eval.samples")
+
+    def save_checkpoint(self, on_checkpoint: CheckpointHook | None) -> None:
+        """Rank 0 writes the record (checkpoint.py owns the format), after every rank checked its weights are
+        finite; then every rank calls the launcher's hook."""
+        nets, ctx = self.nets, self.ctx
+        G, D = models.base_module(nets.G), models.base_module(nets.D)
+        # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
+        bad = health.nonfinite_parameters({"G": G, "D": D, **({"G_ema": nets.ema.module} if nets.ema else {})})
+        if dist.all_reduce_sum(torch.tensor([float(len(bad))], device=ctx.device)).item() > 0:
+            raise health.NonFinite(f"non-finite weights at {self.images} images"
+                                   + (f" in {' and '.join(bad)}" if bad else " on another rank"))
+        all_skipped = dist.gather_lists(self.skipped)
+        all_consumed = dist.gather_lists(self.position.consumed or [])
+        path = None
+        if ctx.is_main:
+            g_ema = self.g_ema()
+            record = checkpoint.Checkpoint(
+                config=config_mod.to_dict(self.cfg), images=self.images, G=G.state_dict(), D=D.state_dict(),
+                G_ema=g_ema.state_dict() if g_ema is not None else None,
+                resume=checkpoint.Resume(
+                    opt_G=nets.opt_g.state_dict(), opt_D=nets.opt_d.state_dict(), step=self.step,
+                    data_step=self.data_step, rollbacks=self.rollbacks, geometry=resume.geometry(self.cfg, ctx),
+                    skipped=all_skipped, consumed=all_consumed, rng=checkpoint.rng_state()))
+            path = checkpoint.save(record, checkpoint.path_for(self.cfg.run_dir, self.images),
+                                   self.cfg.log.keep_checkpoints, self.cfg.log.keep_every_images)
+        self.checkpoints_written += 1
+        dist.barrier(self.cfg.trainer.collective_timeout_s)
+        if on_checkpoint is not None:
+            on_checkpoint(path, self.metrics)
+
+    def close(self) -> None:
+        """Shut the loader workers down now, gracefully, and close the logs. An exception's traceback keeps the
+        iterator alive until interpreter exit, where multiprocessing would SIGTERM workers that ignore it (stop.py)
+        and wait forever."""
+        shutdown = getattr(self.batches, "_shutdown_workers", None)  # DataLoader's own clean shutdown
         if shutdown is not None:
             shutdown()
-        if log is not None:
-            log.close()
-    return metrics
+        if self.log is not None:
+            self.log.close()
+
+
+def _open_log(cfg: Config, nets: Nets, at: resume.Start, target: int) -> RunLog:
+    """Rank 0's run directory, config.yaml and TensorBoard log, with the run's start-up lines."""
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    files.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+    log = RunLog(run_dir, cfg, target, at.images)
+    log.message(nets.resolved.describe())
+    ema = nets.ema
+    log.message(f"G_ema: half-life {ema.half_life} images, batchnorm statistics: {cfg.train.ema_bn} (train.ema_*)"
+                if ema is not None else "G_ema: off (train.ema_images=0)")
+    if at.path is not None:
+        log.message(f"resumed from {at.path} at {at.images} images")
+    for message in at.messages:
+        log.message(f"  {message}")
+    return log

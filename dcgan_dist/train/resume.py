@@ -51,13 +51,13 @@ def geometry(cfg: Config, ctx: Context) -> dict:
     return {"world_size": ctx.world_size, "batch_size": cfg.train.batch_size, "loader_workers": cfg.data.num_workers}
 
 
-def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, dict] | None:
+def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, checkpoint.Checkpoint] | None:
     """Rank 0 picks the checkpoint (resume_from, else the run directory's newest readable one) and loads it;
-    every rank receives the same state, so a stale file listing on one node cannot split the ranks."""
+    every rank receives the same record, so a stale file listing on one node cannot split the ranks."""
     found = None
     if ctx.is_main:
         if resume_from is not None:
-            found = (Path(resume_from), checkpoint.load(resume_from))
+            found = (Path(resume_from), checkpoint.load(resume_from, resumable=True))
         else:
             found = checkpoint.newest_readable(cfg.run_dir)
     return dist.broadcast_object(found)
@@ -91,39 +91,34 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
     chosen = choose(cfg, ctx, resume_from)
     if chosen is None:
         return Start()
-    path, state = chosen
-    mismatch = _model_mismatch(state["config"], cfg)
+    path, record = chosen
+    saved = record.resume
+    mismatch = _model_mismatch(record.config, cfg)
     if mismatch:
         raise ResumeError(f"checkpoint {path} does not fit this config: {'; '.join(mismatch)}. Use another "
                           f"run_dir, or the checkpoint's model settings")
-    start = Start(path, int(state["images"]), int(state["step"]), rollbacks=int(state.get("rollbacks", 0)))
-    nets.G.load_state_dict(state["G"])
-    nets.D.load_state_dict(state["D"])
+    start = Start(path, record.images, saved.step, rollbacks=saved.rollbacks)
+    nets.G.load_state_dict(record.G)
+    nets.D.load_state_dict(record.D)
     if nets.ema is not None:
-        if "G_ema" in state:
-            nets.ema.module.load_state_dict(state["G_ema"])
-        else:  # written with train.ema_images=0, or before G_ema existed
-            nets.ema.module.load_state_dict(state["G"])
-            start.messages.append("the checkpoint holds no G_ema: G_ema starts here as a copy of G")
-    _load_optimizer(nets.opt_g, state["opt_G"], "G", start.messages)
-    _load_optimizer(nets.opt_d, state["opt_D"], "D", start.messages)
-    checkpoint.restore_rng(state["rng"])
-    saved_geometry = state.get("geometry", {"world_size": state.get("world_size"), "batch_size":
-                                            state["config"]["train"]["batch_size"],
-                                            "loader_workers": state["config"]["data"]["num_workers"]})
-    skipped = state.get("skipped", [])
-    if saved_geometry == geometry(cfg, ctx):
-        start.data_step = int(state.get("data_step", start.step))
-        start.skipped = list(skipped[ctx.rank]) if ctx.rank < len(skipped) else [0, 0]
-        consumed = state.get("consumed", [])
-        start.consumed = list(consumed[ctx.rank]) if ctx.rank < len(consumed) and consumed[ctx.rank] else None
+        nets.ema.module.load_state_dict(record.G_ema if record.G_ema is not None else record.G)
+        if record.G_ema is None:
+            start.messages.append("the checkpoint holds no G_ema (trained with train.ema_images=0): G_ema starts "
+                                  "here as a copy of G")
+    _load_optimizer(nets.opt_g, saved.opt_G, "G", start.messages)
+    _load_optimizer(nets.opt_d, saved.opt_D, "D", start.messages)
+    checkpoint.restore_rng(saved.rng)
+    if saved.geometry == geometry(cfg, ctx):  # the same ranks: each continues its own stream
+        start.data_step = saved.data_step
+        start.skipped = list(saved.skipped[ctx.rank])
+        start.consumed = list(saved.consumed[ctx.rank]) or None
     else:
         spp = steps_per_pass(shards, cfg, ctx.world_size)
         first_pass = math.ceil(start.images / dataset_size(shards, cfg))
         start.data_step = first_pass * spp
-        totals = [sum(s[0] for s in skipped), sum(s[1] for s in skipped)]
+        totals = [sum(s[0] for s in saved.skipped), sum(s[1] for s in saved.skipped)]
         start.skipped = totals if ctx.is_main else [0, 0]  # the run's totals stay whole, on rank 0
-        start.messages.append(f"the checkpoint was written with {saved_geometry}, this run has "
+        start.messages.append(f"the checkpoint was written with {saved.geometry}, this run has "
                               f"{geometry(cfg, ctx)}: the data stream starts a fresh pass ({first_pass}); the image "
                               f"count goes on from {start.images}")
     _check_same_weights(nets, ctx)

@@ -3,6 +3,10 @@
 The first signal sets a flag; the loop checks it at step boundaries (every step in one process, at each log
 interval under a distributed launcher, where all ranks must agree through the interval's reduction), writes a
 checkpoint at the current image count and exits. A second signal exits at once.
+
+Under Ray Train the loop runs in a worker thread, where no signal arrives: the signal reaches the driver
+(`ray job stop`, Ctrl-C), which passes it on through Ray (distributed/ray_launch.py), and each rank's loop asks
+at every log interval (StopProbe) and sets the same flag with request().
 """
 
 from __future__ import annotations
@@ -13,14 +17,6 @@ import sys
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Stopped(Exception):
-    """The run stopped on a signal after writing its checkpoint; the exit status is 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 class StopRequest:
@@ -39,6 +35,13 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def request(self, signum: int, source: str) -> None:
+        """A stop asked for elsewhere (the launcher's driver heard the signal): as if this process had."""
+        if signum and not self.signum:
+            self.signum = signum
+            print(f"dcgan_dist: {signal.Signals(signum).name} to {source}: writing a checkpoint at this log interval, "
+                  f"then stopping", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
