@@ -40,6 +40,7 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import checkpoint
 from .. import config as config_mod
@@ -339,9 +340,11 @@ def run(cfg: Config, loop: Loop) -> ray.train.Result:
     # user set it (Train V2 passes this variable on from the driver to every worker).
     os.environ.setdefault(PRINT_PATCH, "0")
     _check_fits(cfg.trainer, can_grow=_connect())
-    # Owned by this driver, so it goes with the job; named, so that every worker finds it.
+    # Owned by this driver, so it goes with the job; named, so that every worker finds it; on the driver's node, as
+    # Train's controller is, so that it outlives any worker node.
     name = f"dcgan-stop-{uuid.uuid4().hex[:12]}"
-    flag = StopFlag.options(name=name).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flag = StopFlag.options(name=name, scheduling_strategy=here).remote()
     with _DriverStop(flag) as stop:
         result = _fit(trainer_for(cfg, loop, name))
     where = result.checkpoint.path if result.checkpoint is not None else "none"
