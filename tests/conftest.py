@@ -11,11 +11,12 @@ from dcgan_dist import config
 from dcgan_dist.shard.run import builtin_shards
 
 
-# The modules that start Ray clusters: one pytest-xdist worker runs them, one after another, first. They use this
+# The modules that start Ray clusters: one pytest-xdist worker runs them, one after another, first (Ray finds a
+# cluster to join through `ps`, which sees the test hosts' processes too). They use this
 # machine's default Ray ports (`ray up`'s head), a cluster-less test must find no other cluster running (Ray joins
 # any it sees in `ps`), and they spend much of their time waiting for Ray (health checks, restarts, a drain
 # deadline), while the other worker runs the rest of the suite.
-RAY_MODULES = ("test_ray.py", "test_ray_up.py")
+RAY_MODULES = ("test_ray.py", "test_ray_up.py", "test_hosts.py")
 
 
 def _ray_module(nodeid: str) -> bool:

@@ -261,7 +261,8 @@ def test_a_rank_that_never_comes_ends_the_start_up_with_its_name(mnist_shards, t
         assert "rank 2 of 3 never joined the rendezvous at 127.0.0.1" in said, said
         assert "within 5 s (trainer.startup_timeout_s)" in said, said
         assert f"rank 0 of 3 on node {socket.gethostname()}" in said and "rank 1 of 3 on node" in said, said
-        assert "GLOO_SOCKET_IFNAME=unset" in said and "NCCL_SOCKET_IFNAME" in said, said
+        # Chosen by each rank (the interface of its route to the rendezvous), named in the message.
+        assert "GLOO_SOCKET_IFNAME=lo (chosen: holds 127.0.0.1)" in said and "NCCL_SOCKET_IFNAME" in said, said
         assert "Traceback" not in err, err[-2000:]
 
 
@@ -274,3 +275,18 @@ def test_a_rank_that_cannot_reach_the_rendezvous_says_so(mnist_shards, tmp_path)
     assert said.startswith("error: rank 1 of 2 on node") and "cannot reach the rendezvous at 127.0.0.1:" in said, \
         proc.stderr[-2000:]
     assert "within 5 s (trainer.startup_timeout_s)" in said and "GLOO_SOCKET_IFNAME" in said, said
+
+
+def test_each_rank_binds_to_the_interface_holding_its_address(monkeypatch):
+    """rendezvous.choose_interface: the interface whose address the other ranks reach this one at, for gloo and
+    NCCL alike, marked as chosen in the start-up line; a setting of the user's own is left as it is.
+    (tests/test_hosts.py shows it across hosts whose names resolve to loopback.)"""
+    from dcgan_dist.distributed import rendezvous
+
+    environ = {k: v for k, v in os.environ.items() if not k.endswith("_SOCKET_IFNAME")}
+    monkeypatch.setattr(os, "environ", environ)  # this process's own, back as it was afterwards
+    assert rendezvous.interface_of("127.0.0.1") == "lo" and rendezvous.interface_of("203.0.113.9") is None
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")  # the user's
+    rendezvous.choose_interface("127.0.0.1")
+    assert environ["GLOO_SOCKET_IFNAME"] == "lo" and environ["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert rendezvous.interface_settings() == "GLOO_SOCKET_IFNAME=lo (chosen: holds 127.0.0.1), NCCL_SOCKET_IFNAME=ib0"

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -40,12 +41,14 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import config as ray_torch_config
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
+from . import rendezvous
 from .interruptions import Notice, Preempted, Stopped
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
@@ -211,6 +214,27 @@ def _elastic(t) -> bool:
     return t.min_workers is not None and t.min_workers < t.num_workers
 
 
+def _bind_to_node_address() -> None:
+    """On each worker, before Ray builds the process group: its sockets on this node's Ray address."""
+    rendezvous.choose_interface(ray.util.get_node_ip_address())
+
+
+class _TorchBackend(ray_torch_config._TorchBackend):
+    """Ray's torch backend, with every worker's interface chosen before the process group forms (Ray offers no
+    public hook that runs on the workers before it)."""
+
+    def on_start(self, worker_group, backend_config) -> None:
+        worker_group.execute(_bind_to_node_address)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class _TorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _TorchBackend
+
+
 def trainer_for(cfg: Config, loop: Loop, stop_flag: str) -> TorchTrainer:
     """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs; an elastic
     group of min_workers..num_workers of them when trainer.min_workers is set. stop_flag: the StopFlag actor's
@@ -221,7 +245,7 @@ def trainer_for(cfg: Config, loop: Loop, stop_flag: str) -> TorchTrainer:
         partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
         train_loop_config={"cfg": config_mod.to_dict(cfg), "stop_flag": stop_flag},
         # The process group's own timeout bounds its rendezvous; context.init then sets collective_timeout_s.
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=math.ceil(t.startup_timeout_s)),
+        torch_config=_TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=math.ceil(t.startup_timeout_s)),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if elastic else t.num_workers,
                                      use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker},
                                      elastic_resize_monitor_interval_s=t.elastic_check_s),

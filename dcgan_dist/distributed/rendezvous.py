@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from datetime import timedelta
 
@@ -22,6 +23,8 @@ import torch
 import torch.distributed as torch_dist
 
 INTERFACE_SETTINGS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+_CHOSEN_PREFIX = "DCGAN_DIST_CHOSE_"  # + a setting: the address whose interface choose_interface set it to
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
 class RendezvousError(RuntimeError):
@@ -46,8 +49,47 @@ def local_address(host: str, port: int) -> str:
         return "no route"
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface whose IPv4 address is `address`, or None (not Linux, or
+    no interface holds it)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+        if socket.inet_ntoa(ifreq[20:24]) == address:
+            return name
+    return None
+
+
+def choose_interface(address: str) -> None:
+    """Bind the process group's sockets (gloo's, NCCL's bootstrap) to the interface holding `address`, this
+    rank's address as the other ranks reach it, unless the user named one.
+
+    Left alone, gloo binds to the address the host name resolves to, which Debian's and Ubuntu's /etc/hosts make a
+    loopback one (127.0.1.1): ranks on other hosts then cannot connect. Interface names differ between nodes, so
+    every rank chooses its own; interface_settings() says what was chosen.
+    """
+    name = interface_of(address)
+    if name is None:
+        return
+    for var in INTERFACE_SETTINGS:
+        if not os.environ.get(var):
+            os.environ[var] = name
+            os.environ[_CHOSEN_PREFIX + var] = address
+
+
 def interface_settings() -> str:
-    return ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in INTERFACE_SETTINGS)
+    """The interface settings in force, each marked when this project chose it."""
+    def one(var: str) -> str:
+        chosen = os.environ.get(_CHOSEN_PREFIX + var)
+        return f"{var}={os.environ.get(var, 'unset')}" + (f" (chosen: holds {chosen})" if chosen else "")
+    return ", ".join(one(var) for var in INTERFACE_SETTINGS)
 
 
 def node() -> str:
@@ -72,6 +114,7 @@ def _hint(host: str, port: int, world_size: int) -> str:
 def join(rank: int, world_size: int, timeout_s: float, backend: str) -> torch_dist.Store:
     """Meet the other ranks within timeout_s and return the store to build the process group on."""
     host, port = _master()
+    choose_interface(local_address(host, port))
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     me = f"rank {rank} of {world_size} on node {node()} ({local_address(host, port)})"
     try:

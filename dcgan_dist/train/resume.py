@@ -52,14 +52,17 @@ def geometry(cfg: Config, ctx: Context) -> dict:
 
 
 def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, checkpoint.Checkpoint] | None:
-    """Rank 0 picks the checkpoint (resume_from, else the run directory's newest readable one) and loads it;
-    every rank receives the same record, so a stale file listing on one node cannot split the ranks."""
+    """Rank 0 picks the checkpoint (resume_from, unless the run directory holds a newer readable one) and loads
+    it; every rank receives the same record, so a stale file listing on one node cannot split the ranks."""
     found = None
     if ctx.is_main:
+        found = checkpoint.newest_readable(cfg.run_dir)
         if resume_from is not None:
-            found = (Path(resume_from), checkpoint.load(resume_from, resumable=True))
-        else:
-            found = checkpoint.newest_readable(cfg.run_dir)
+            handed = (Path(resume_from), checkpoint.load(resume_from, resumable=True))
+            # A launcher's copy can lag the run directory: Ray registers a checkpoint only once every rank has
+            # reported it, so a node lost just after rank 0 wrote one leaves Ray a checkpoint or two behind.
+            if found is None or found[1].images <= handed[1].images:
+                found = handed
     return dist.broadcast_object(found)
 
 
