@@ -58,6 +58,16 @@ def sweep() -> None:
         link = line.split(":")[1].strip().split("@")[0]
         if link.startswith(PREFIX):
             _ip("link", "del", link, check=False)
+    for outer in Path("/var/tmp").glob(f"{PREFIX}*-tmp"):
+        _remove_empty(outer)
+
+
+def _remove_empty(directory: Path) -> None:
+    """rmdir, never more: outside its host, a host's mount point for the real /tmp is an empty folder."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 @dataclass
@@ -106,6 +116,17 @@ def _init_of(launcher: subprocess.Popen, timeout: float = 10) -> int:
     raise RuntimeError("a test host's PID namespace did not start")
 
 
+def _private_tmp(outer: Path) -> str:
+    """Shell commands, run in a host's mount namespace, that give it an empty /tmp of its own, with this checkout
+    and its environment still where they are when they live under /tmp (a CI clone may)."""
+    keep = sorted({str(p) for p in (Path(sys.prefix), Path(__file__).resolve().parent.parent)
+                   if p.is_relative_to("/tmp")})
+    outer.mkdir(parents=True, exist_ok=True)
+    steps = [f"mount --bind /tmp {outer}", "mount -t tmpfs tmpfs /tmp"]
+    steps += [f"mkdir -p {p} && mount --bind {outer}/{Path(p).relative_to('/tmp')} {p}" for p in keep]
+    return " && ".join(steps)
+
+
 @contextmanager
 def made_hosts(k: int) -> Iterator[list[Host]]:
     """k hosts on a private bridge; removed on the way out, whatever happened."""
@@ -131,7 +152,8 @@ def made_hosts(k: int) -> Iterator[list[Host]]:
             _ip("-n", name, "link", "set", "lo", "up")
             launcher = subprocess.Popen(
                 ["ip", "netns", "exec", name, "unshare", "--pid", "--mount", "--fork", "--mount-proc", "sh", "-c",
-                 f"mount -t tmpfs tmpfs /tmp && exec {sys.executable} -c '{REAPER}'"], stdin=subprocess.DEVNULL)
+                 f"{_private_tmp(Path(f'/var/tmp/{name}-tmp'))} && exec {sys.executable} -c '{REAPER}'"],
+                stdin=subprocess.DEVNULL)
             host = Host(name, address, outside, _init_of(launcher))
             made.append((host, launcher))
         deadline = time.monotonic() + 10
@@ -147,4 +169,5 @@ def made_hosts(k: int) -> Iterator[list[Host]]:
                 launcher.kill()
             _ip("netns", "del", host.name, check=False)
             _ip("link", "del", host.link, check=False)
+            _remove_empty(Path(f"/var/tmp/{host.name}-tmp"))
         _ip("link", "del", bridge, check=False)
