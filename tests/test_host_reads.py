@@ -22,7 +22,6 @@ from dcgan_dist.data.load import load_labelled
 from dcgan_dist.distributed.context import Context
 from dcgan_dist.train import perf
 from dcgan_dist.train.nets import build_nets, make_step
-from dcgan_dist.train.step import gan_step
 from multirank import free_port
 
 
