@@ -206,10 +206,10 @@ def load(path: str | Path, map_location="cpu", resumable: bool = False) -> Check
     return record
 
 
-def newest_readable(run_dir: str | Path) -> tuple[Path, Checkpoint] | None:
-    """The newest checkpoint that loads, with its record; a damaged one (a full disk, a copy cut short) is passed
-    over with a warning naming it, so the run goes on from the one before."""
-    for path in reversed(list_checkpoints(run_dir)):
+def newest_readable(run_dir: str | Path, after: int = -1) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint past `after` images that loads, with its record; a damaged one (a full disk, a copy
+    cut short) is passed over with a warning naming it, so the run goes on from the one before."""
+    for path in reversed([p for p in list_checkpoints(run_dir) if images_of(p) > after]):
         try:
             return path, load(path, resumable=True)
         except CheckpointError as err:

@@ -10,8 +10,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -46,3 +52,40 @@ class Stopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM and SIGINT for the duration of a run (main thread only: Python delivers signals there): the first
+    sets `signum`, says `what` happens now and calls on_first(signum) if given; a second exits at once."""
+
+    def __init__(self, what: str = "writing a checkpoint at the next step boundary, then stopping",
+                 on_first: Callable[[int], None] | None = None):
+        self.signum, self.what, self.on_first = 0, what, on_first
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def request(self, signum: int, source: str) -> None:
+        """A stop asked for elsewhere (the launcher's driver heard the signal): as if this process had."""
+        if signum and not self.signum:
+            self.signum = signum
+            print(f"dcgan_dist: {signal.Signals(signum).name} to {source}: writing a checkpoint at this log interval, "
+                  f"then stopping", file=sys.stderr, flush=True)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            print(f"dcgan_dist: second {signal.Signals(signum).name}: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        if self.on_first is not None:
+            self.on_first(signum)
+        print(f"dcgan_dist: {signal.Signals(signum).name}: {self.what} (send it again to exit at once)",
+              file=sys.stderr, flush=True)

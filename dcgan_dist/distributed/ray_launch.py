@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
 from . import rendezvous
-from .interruptions import Notice, Preempted, Stopped
+from .interruptions import Notice, Preempted, Stopped, StopRequest
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
 Loop = Callable[..., dict]
@@ -303,40 +302,11 @@ def _check_fits(t, can_grow: bool) -> None:
           f"(if it has none: {hint})", file=sys.stderr, flush=True)
 
 
-class _DriverStop:
-    """SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): the first is passed on to every rank through the
-    StopFlag actor, so the ranks checkpoint at the count reached and return; a second exits at once."""
-
-    def __init__(self, flag):
-        self.flag, self.signum = flag, 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_DriverStop":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum:
-            print(f"dcgan_dist.ray_launch: second {name}: exiting at once", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signum = signum
-        self.flag.request.remote(signum)  # a call, not a wait: the handler returns at once
-        print(f"dcgan_dist.ray_launch: {name}: every rank writes a checkpoint at its next log interval, then the "
-              f"run stops (send it again to exit at once)", file=sys.stderr, flush=True)
-
-
 def _fit(trainer: TorchTrainer) -> ray.train.Result:
     """trainer.fit() in a thread of its own while this (main) thread waits, ready for signals.
 
     Train V2's fit() in the main thread installs a SIGINT handler of its own that aborts the run, losing what
-    was trained since the last checkpoint; off the main thread it leaves SIGINT to _DriverStop."""
+    was trained since the last checkpoint; off the main thread it leaves SIGINT to run()'s StopRequest."""
     box: dict = {}
 
     def fit() -> None:
@@ -369,7 +339,10 @@ def run(cfg: Config, loop: Loop) -> ray.train.Result:
     name = f"dcgan-stop-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     flag = StopFlag.options(name=name, scheduling_strategy=here).remote()
-    with _DriverStop(flag) as stop:
+    # SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): passed on to every rank through the flag, so the
+    # ranks checkpoint at the count reached and return; a second one exits at once.
+    with StopRequest("every rank writes a checkpoint at its next log interval, then the run stops",
+                     on_first=lambda signum: flag.request.remote(signum)) as stop:
         result = _fit(trainer_for(cfg, loop, name))
     where = result.checkpoint.path if result.checkpoint is not None else "none"
     if stop.signum:

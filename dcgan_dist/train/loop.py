@@ -31,13 +31,13 @@ from ..config import Config
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
 from ..distributed import context as dist
-from ..distributed.interruptions import Notice, Preempted, PreemptionProbe, StopProbe, Stopped
+from ..distributed.interruptions import Notice, Preempted, PreemptionProbe, StopProbe, Stopped, StopRequest
 from ..evaluate import during_training
 from . import health, perf, resume
 from .nets import Nets, build_nets, make_step
 from .runlog import RunLog
 from .step import STAT_NAMES
-from .stop import StopRequest, ignore_in_loader_workers
+from .stop import ignore_in_loader_workers
 
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]

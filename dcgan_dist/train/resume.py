@@ -56,13 +56,11 @@ def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, c
     it; every rank receives the same record, so a stale file listing on one node cannot split the ranks."""
     found = None
     if ctx.is_main:
-        found = checkpoint.newest_readable(cfg.run_dir)
-        if resume_from is not None:
-            handed = (Path(resume_from), checkpoint.load(resume_from, resumable=True))
-            # A launcher's copy can lag the run directory: Ray registers a checkpoint only once every rank has
-            # reported it, so a node lost just after rank 0 wrote one leaves Ray a checkpoint or two behind.
-            if found is None or found[1].images <= handed[1].images:
-                found = handed
+        handed = (Path(resume_from), checkpoint.load(resume_from, resumable=True)) \
+            if resume_from is not None else None
+        # A launcher's copy can lag the run directory: Ray registers a checkpoint only once every rank has
+        # reported it, so a node lost just after rank 0 wrote one leaves Ray a checkpoint or two behind.
+        found = checkpoint.newest_readable(cfg.run_dir, after=handed[1].images if handed else -1) or handed
     return dist.broadcast_object(found)
 
 
