@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +58,16 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 def mnist_shards(tmp_path_factory):
     """The real MNIST-5k digits as tar shards + manifest (10 shards of 500), written by the project's writer."""
     return builtin_shards("mnist5k", tmp_path_factory.mktemp("mnist5k"))
+
+
+@pytest.fixture
+def hosts_share(mnist_shards):
+    """What a cluster's shared file system gives every test host (tests/hosts.py: their /tmp is their own): a
+    folder under /var/tmp, which they all see, holding the MNIST shards; removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="dcgan-shared-", dir="/var/tmp"))
+    shutil.copytree(mnist_shards, root / "shards")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

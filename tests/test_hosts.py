@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,15 +31,9 @@ BATCH = 16
 # 10 s timeout, took 65 s here: docs/cluster.md has both timelines).
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
        "RAY_health_check_failure_threshold": "5"}
-
-
-@pytest.fixture
-def shared(mnist_shards):
-    """A folder every host sees (their /tmp is their own): the shards and the run directory."""
-    root = Path(tempfile.mkdtemp(prefix="dcgan-hosts-", dir="/var/tmp"))
-    shutil.copytree(mnist_shards, root / "shards")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+# After a lost node, Ray Train first tries to restart the group at its old size, which cannot start, and gives up
+# after its worker-group start timeout (60 s by default; docs/cluster.md has the timeline with both): 30 s here.
+START_TIMEOUT = '{"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}}'
 
 
 def _start_cluster(head: Host, others: list[Host]) -> str:
@@ -80,17 +72,17 @@ def _stop_cluster(hosts: list[Host]) -> None:
         host.run(RAY_CLI, "stop", "--force", timeout=60)
 
 
-def _overrides(shared: Path, target: int, *more: str) -> list[str]:
+def _overrides(share: Path, target: int, *more: str) -> list[str]:
     every = 10 * 2 * BATCH
-    return [f"data.shards={shared / 'shards'}", "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=200",
+    return [f"data.shards={share / 'shards'}", "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=200",
             "model.ngf=8", "model.ndf=8", f"train.batch_size={BATCH}", f"train.images={target}",
             "train.device=cpu", f"log.every_images={every}", f"log.sample_every_images={target}",
-            "log.grid_size=16", f"run_dir={shared / 'run'}", "trainer.num_workers=2", "trainer.cpus_per_worker=1",
+            "log.grid_size=16", f"run_dir={share / 'run'}", "trainer.num_workers=2", "trainer.cpus_per_worker=1",
             *more]
 
 
-def _submit(dashboard: str, job: str, overrides: list[str], *wait: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job, *wait,
+def _submit(dashboard: str, job: str, overrides: list[str], *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY_CLI, "job", "submit", "--address", dashboard, "--submission-id", job, *options,
                            "--working-dir", str(REPO), "--", "python", "-m", "dcgan_dist.train", "--config",
                            "configs/mnist_local.yaml", *overrides], capture_output=True, text=True, timeout=300)
 
@@ -100,7 +92,58 @@ def _where(logs: str) -> dict[str, str]:
     return dict(re.findall(r"dcgan_dist: rank (\d) of 2 on node \S+ \(([\d.]+)\)", logs))
 
 
-def test_ranks_on_two_hosts_form_the_process_group_across_the_link(shared):
+def _made_by(tag: str) -> list[str]:
+    """Everything tests/hosts.py made under one tag that still exists: namespaces, links, folders."""
+    from hosts import PREFIX
+
+    things = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    things += re.findall(r"^\d+: ([^:@]+)", subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                                                            text=True).stdout, re.MULTILINE)
+    things += [p.name for p in Path("/var/tmp").iterdir()]
+    return sorted(t for t in things if t.startswith(PREFIX + tag))
+
+
+SSH = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"]
+
+
+@pytest.mark.skipif(available(ssh=True) is not None, reason=str(available(ssh=True)))
+def test_test_hosts_are_machines_of_their_own_and_leave_nothing_behind():
+    """tests/hosts.py itself: each host has its own address (its name resolving to loopback), /tmp, /root and
+    processes, and an sshd on port 22 that lets root in by key; all of it is gone after the `with`, also when the
+    test inside fails, and what a killed test process left is swept by the next one."""
+    with pytest.raises(RuntimeError, match="a failing test"):
+        with made_hosts(2, ssh=True) as hosts:
+            tag = hosts[0].name[4:8]
+            for host, other in (hosts, hosts[::-1]):
+                assert re.findall(r"inet ([\d.]+)/24", host.run("ip", "-o", "-4", "addr").stdout) == [host.address]
+                assert host.run("getent", "hosts", host.run("hostname").stdout.strip()).stdout.startswith("127.")
+                assert host.processes() == []  # its sshd's listener aside: nothing of this machine's
+                ssh = [*SSH, "-i", str(host.login.key), f"root@{host.address}"]
+                r = subprocess.run([*ssh, "touch /tmp/mine /root/mine && hostname -I"], capture_output=True,
+                                   text=True, timeout=60)
+                assert r.returncode == 0 and r.stdout.split() == [host.address], r.stderr
+                assert host.run("ls", "/tmp/mine", "/root/mine").returncode == 0
+                assert other.run("ls", "/tmp/mine").returncode != 0 and other.run("ls", "/root/mine").returncode != 0
+                host.run("rm", "-f", "/tmp/mine", "/root/mine")
+            assert not Path("/tmp/mine").exists() and not Path("/root/mine").exists()
+            assert _made_by(tag)
+            raise RuntimeError("a failing test")
+    assert _made_by(tag) == []
+
+    # A test process killed while its hosts live: the next made_hosts sweeps them (and only orphans).
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.path.insert(0, sys.argv[1])\n"
+                              "from hosts import made_hosts\nwith made_hosts(1, ssh=True) as (h,):\n"
+                              "    print(h.name[4:8], flush=True)\n    time.sleep(600)", str(REPO / "tests")],
+                             stdout=subprocess.PIPE, text=True)
+    orphan = child.stdout.readline().strip()
+    child.kill()
+    child.wait()
+    assert _made_by(orphan)
+    with made_hosts(1) as (host,):
+        assert _made_by(orphan) == [] and _made_by(host.name[4:8])
+
+
+def test_ranks_on_two_hosts_form_the_process_group_across_the_link(hosts_share):
     """A head and a worker host, `ray job submit` of a 2-worker run: one rank on each host, each bound to its own
     interface (chosen: the host names resolve to loopback), trained to the end with events and checkpoints;
     `ray stop` leaves nothing running on either host."""
@@ -110,14 +153,14 @@ def test_ranks_on_two_hosts_form_the_process_group_across_the_link(shared):
         try:
             dashboard = _start_cluster(head, [other])
             job = "dcgan-hosts-pg"
-            r = _submit(dashboard, job, _overrides(shared, target, f"log.checkpoint_every_images={target // 2}"))
+            r = _submit(dashboard, job, _overrides(hosts_share, target, f"log.checkpoint_every_images={target // 2}"))
             logs = subprocess.run([RAY_CLI, "job", "logs", "--address", dashboard, job], capture_output=True,
                                   text=True, timeout=60).stdout
             assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
             assert _where(logs) == {"0": head.address, "1": other.address} or \
                 _where(logs) == {"0": other.address, "1": head.address}, logs[-3000:]
             assert len(re.findall(r"GLOO_SOCKET_IFNAME=dcgt\w+ \(chosen: holds 10\.213\.", logs)) == 2, logs[-3000:]
-            run = shared / "run"
+            run = hosts_share / "run"
             assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)] == [target // 2, target]
             assert list((run / "tb").glob("events.out.tfevents.*"))
         finally:
@@ -135,7 +178,7 @@ def _job(dashboard: str, job: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("loss", ["link cut", "host killed"])
-def test_an_elastic_group_outlives_a_lost_host_and_ends_at_train_images(shared, loss):
+def test_an_elastic_group_outlives_a_lost_host_and_ends_at_train_images(hosts_share, loss):
     """`trainer.min_workers=1` with its defaults (max_failures 3 for an elastic group): the worker host's link set
     down (a partition), or its processes killed outright (its PID namespace ended), at N images. Ray declares the
     node dead, the group restarts on the head's host from the last checkpoint and ends at exactly train.images;
@@ -146,11 +189,11 @@ def test_an_elastic_group_outlives_a_lost_host_and_ends_at_train_images(shared, 
         try:
             dashboard = _start_cluster(head, [other])
             job = f"dcgan-hosts-{loss.split()[1]}"
-            r = _submit(dashboard, job, _overrides(shared, target, f"log.checkpoint_every_images={periodic}",
+            r = _submit(dashboard, job, _overrides(hosts_share, target, f"log.checkpoint_every_images={periodic}",
                                                    "trainer.min_workers=1", "trainer.collective_timeout_s=60"),
-                        "--no-wait")
+                        "--no-wait", "--runtime-env-json", START_TIMEOUT)
             assert r.returncode == 0, r.stdout + r.stderr
-            run, t = shared / "run", {}
+            run, t = hosts_share / "run", {}
             deadline = time.monotonic() + 420
             while time.monotonic() < deadline:
                 status, logs = _job(dashboard, job)

@@ -55,11 +55,14 @@ def test_validation_rejects_a_misspelt_key():
 
 def _run_start_commands(commands: list[str], home: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run a YAML's start commands in order as Ray's updater does (each in its own shell, stopping at the first
-    failure), with a `ray` on PATH that records how it was called: its arguments and RAY_AUTH_MODE."""
+    failure), with a `ray` and a `python` on PATH that record how they were called: their arguments and
+    RAY_AUTH_MODE (ray) or `python` (the follower of local.yaml's workers)."""
     bin_dir, calls = home / "bin", home / "ray-calls"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "ray").write_text(f'#!/bin/sh\necho "RAY_AUTH_MODE=$RAY_AUTH_MODE $*" >> {calls}\n')
-    (bin_dir / "ray").chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "python $*" >> {calls}\n')
+    for tool in ("ray", "python"):
+        (bin_dir / tool).chmod(0o755)
     env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.10"}
     proc = None
     for command in commands:
@@ -91,3 +94,5 @@ def test_nodes_start_only_with_the_token_and_demand_it(name, node, tmp_path):
         assert all("--head" in c and "--dashboard-host=127.0.0.1" in c for c in starts), starts
     else:
         assert all("--address=10.0.0.10:6379" in c for c in starts), starts
+    if name == "local.yaml" and node == "worker":  # after `ray start`: `ray down` leaves nothing (follow_head)
+        assert calls[-1] == "python -m dcgan_dist.distributed.follow_head 10.0.0.10:6379", calls

@@ -1,19 +1,21 @@
-"""The cluster launcher for real: `ray up -y cluster/local.yaml` over SSH, `ray job submit`, `ray down -y`.
+"""The cluster launcher for real, across hosts: `ray up -y cluster/local.yaml` with a head and two worker hosts,
+`ray dashboard`, `ray job submit` of a training with one rank on each host, `ray down -y`, nothing left anywhere.
 
-This machine plays both sides. A user made for the test (root under a second name, its home in a temporary
-directory) is "the cluster's machine": an sshd of the test's own, on 127.0.0.1 and a free port, lets the test's
-key in as that user, and Ray
-reaches it through the YAML's `auth.ssh_proxy_command` (`nc 127.0.0.1 PORT`). The test process, with HOME set to
-another temporary directory holding the auth token, is "your machine". Only the machine facts of
-cluster/local.yaml are overlaid (head_ip, worker_ips, auth, and setup commands that point at the environment
-already installed here instead of making one); its start commands, file mounts and token handling run as
-written. Everything the test makes (the user, the sshd, Ray's processes, temporary files) is removed afterwards.
+The hosts are tests/hosts.py's: Linux namespaces on a private bridge, each with its own address, its own /tmp and
+processes, and an sshd on port 22 letting in one user whose home is a folder of its own on each host; every host
+name resolves to 127.0.0.1, as Debian's and Ubuntu's to 127.0.1.1, so the training also proves the interface
+choice (distributed/rendezvous.py). The test process is "your machine", with HOME set to a temporary folder
+holding the auth token. Only the machine facts of cluster/local.yaml are overlaid (head_ip, worker_ips, auth, and
+setup commands that activate the environment installed here instead of making one and mounting NFS: the hosts
+share /var/tmp, which stands in for the shared file system); its start commands, file mounts and token handling
+run as written, and the commands are the ones docs/cluster.md gives, with no extra environment.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -23,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,214 +34,178 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint
-from multirank import free_port
+from hosts import Host, available, made_hosts
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(available(ssh=True) is not None, reason=str(available(ssh=True)))]
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 VENV = Path(sys.executable).parent.parent
-DASHBOARD = "http://127.0.0.1:8265"  # the head's, on its loopback (cluster/local.yaml)
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("sshd", path="/usr/sbin:/usr/bin"),
-                                reason="needs root (a user and an sshd of the test's own) and OpenSSH's sshd "
-                                       "(.ci/run installs openssh-server, rsync and netcat-openbsd)")
+DASHBOARD = "http://127.0.0.1:8265"  # `ray dashboard`'s tunnel to the head's loopback (docs/cluster.md)
+BATCH = 16
 
 
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60, **kwargs)
-
-
-def _processes_of(home: Path) -> list[str]:
-    """The cluster's processes: Ray's name their session directory, under the cluster user's home."""
-    proc = subprocess.run(["pgrep", "-a", "-f", str(home)], capture_output=True, text=True)
-    return [line for line in proc.stdout.splitlines() if "pgrep" not in line]
-
-
-@dataclass
-class Machines:
-    """Where `ray up` goes: a user reachable over SSH with key on head_ip:port."""
-    user: str
-    home: Path
-    port: int
-    key: Path
-    root: Path
-    head_ip: str = "127.0.0.1"
-
-
-def _sshd(root: Path, m: Machines) -> subprocess.Popen:
-    """An sshd of the test's own on head_ip:port, letting in m.user by key."""
-    config = root / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {m.port}", f"ListenAddress {m.head_ip}", f"HostKey {root / 'host_key'}", f"PidFile {root / 'sshd.pid'}",
-        "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password", f"AllowUsers {m.user}",
-        f"AuthorizedKeysFile {m.home / '.ssh' / 'authorized_keys'}", "Subsystem sftp internal-sftp", ""]))
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(root / "sshd.log")])
-    deadline = time.monotonic() + 10
-    while subprocess.run(["nc", "-z", m.head_ip, str(m.port)]).returncode != 0:
-        assert sshd.poll() is None and time.monotonic() < deadline, (root / "sshd.log").read_text()
-        time.sleep(0.1)
-    return sshd
-
-
-@pytest.fixture
-def machine():
-    """A user reachable over SSH on this machine, with a home of its own; all of it removed afterwards:
-    processes, the user, the files."""
-    root = Path(tempfile.mkdtemp(prefix="rayup", dir="/tmp"))
-    root.chmod(0o755)
-    m = Machines(user=f"dcgan{secrets.token_hex(3)}", home=root / "home", port=free_port(), key=root / "id_ed25519",
-                 root=root)
-    sshd, made_user = None, False
-    try:
-        # A second name for root (uid 0) with its own home: the environment installed here lives under root's
-        # private home (pyenv), where no other user may run it. "*": no password, yet not a locked account
-        # (which sshd without PAM refuses).
-        m.home.mkdir(mode=0o700)
-        _run(["useradd", "--non-unique", "--uid", "0", "--gid", "0", "--home-dir", str(m.home), "--shell",
-              "/bin/bash", "--password", "*", m.user])
-        made_user = True
-        shutil.copy("/etc/skel/.bashrc", m.home / ".bashrc")
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(m.key)])
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")])
-        (m.home / ".ssh").mkdir(mode=0o700)
-        (m.home / ".ssh" / "authorized_keys").write_text(m.key.with_suffix(".pub").read_text())
-        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-        sshd = _sshd(root, m)
-        yield m
-    finally:
-        subprocess.run(["pkill", "-KILL", "-f", str(m.home)], capture_output=True)
-        if sshd is not None:
-            sshd.send_signal(signal.SIGTERM)
-            sshd.wait(timeout=10)
-        time.sleep(0.5)  # the killed processes' exit before their user goes
-        if made_user:
-            subprocess.run(["userdel", "--force", m.user], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _overlaid(m: Machines) -> dict:
-    """cluster/local.yaml with this machine's facts: addresses, SSH access, and the installed environment."""
+def _overlaid(head: Host, workers: list[Host]) -> dict:
+    """cluster/local.yaml with the hosts' facts: addresses, SSH access, and the environment installed here."""
     config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
-    config["provider"].update(head_ip=m.head_ip, worker_ips=[])
-    config["auth"] = {"ssh_user": m.user, "ssh_private_key": str(m.key), "ssh_proxy_command": f"nc %h {m.port}"}
-    # Ray runs every command in a login shell that sources ~/.bashrc: `ray` on its PATH there (the YAML's own
-    # venv step does the same), and Ray's files in a short temporary directory of the test's.
-    tmp = f"{m.home}/r"
+    config["provider"].update(head_ip=head.address, worker_ips=[w.address for w in workers])
+    config["auth"] = {"ssh_user": head.login.user, "ssh_private_key": str(head.login.key)}
+    # Ray runs every command in a login shell that sources ~/.bashrc: the installed environment on its PATH
+    # there, as the YAML's own venv step does with ~/venv.
     config["setup_commands"] = [
-        f"grep -q RAY_TMPDIR ~/.bashrc || echo '. {VENV}/bin/activate; export RAY_TMPDIR={tmp} TMPDIR={tmp} "
-        f"RAY_USAGE_STATS_ENABLED=0' >> ~/.bashrc",
-        f"mkdir -p {tmp}",
-    ]
+        f"grep -q {VENV}/bin/activate ~/.bashrc || echo '. {VENV}/bin/activate; export RAY_USAGE_STATS_ENABLED=0' "
+        f">> ~/.bashrc"]
     return config
 
 
-def _autoscaler_log(m: Machines) -> str:
-    """The end of the head's autoscaler log: what it did to start the worker hosts' nodes."""
-    logs = m.home / "r" / "ray" / "session_latest" / "logs"  # RAY_TMPDIR/ray/
-    said = []
-    for f in sorted(logs.glob("monitor.*")):
-        lines = f.read_text(errors="replace").splitlines()
-        said += [f"{f.name}: {line}" for line in lines if re.search(r"ERR|rror|ail|denied|refused", line)][-30:]
-        said += [f"{f.name}: {line}" for line in lines[-5:]]
-    return "\n".join(said)
-
-
-def _run_or_say(command: list[str], m: Machines, **kwargs) -> subprocess.CompletedProcess:
-    """A launcher command; if it hangs, an error with its output and the autoscaler's log."""
-    try:
-        return subprocess.run(command, capture_output=True, text=True, **kwargs)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"{command[1:3]} hung: {str(err.stdout)[-3000:]}\n{str(err.stderr)[-2000:]}\n"
-                             f"{_autoscaler_log(m)}") from None
-
-
-def _launcher_env(m: Machines) -> dict:
-    """Your machine: its own HOME (with the auth token the YAML's file_mounts copies) and temporary files.
-
-    RAY_TMPDIR is the head's: the local provider keeps which machines are in use in a file there
-    (RAY_TMPDIR/ray/cluster-<name>.state), which `ray up` writes and copies to the same path on the head, where the
-    autoscaler reads it to start the worker hosts' nodes."""
-    client = m.root / "client"
-    (client / ".ray").mkdir(parents=True, exist_ok=True)
-    (client / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    (client / "tmp").mkdir(exist_ok=True)
+def _your_machine(root: Path) -> dict:
+    """The launcher's environment: a HOME of its own, its own temporary files (the local provider's state file),
+    and the auth token as docs/cluster.md makes it (`ray get-auth-token --generate`, `export RAY_AUTH_MODE=token`)."""
+    (root / "tmp").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # RAY_AUTH_MODE=token as docs/cluster.md exports it: `ray job submit` sends the token only then.
-    env.update(HOME=str(client), TMPDIR=str(client / "tmp"), RAY_TMPDIR=str(m.home / "r"),
-               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_UP_enable_autoscaler_v2="0")
-    return env
+    env.update(HOME=str(root), TMPDIR=str(root / "tmp"), RAY_USAGE_STATS_ENABLED="0")
+    token = _ray("get-auth-token", "--generate", env=env, timeout=60)
+    assert token.returncode == 0 and (root / ".ray" / "auth_token").is_file(), token.stderr
+    return {**env, "RAY_AUTH_MODE": "token"}
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_up_job_submit_ray_down(machine, mnist_shards):
-    """`ray up -y` -> `ray job submit` of a 2-worker run -> TensorBoard events and checkpoints -> `ray down -y`
-    -> no Ray process left."""
-    m = machine
-    config = _overlaid(m)
-    yaml_path = m.root / "cluster.yaml"
-    yaml_path.write_text(yaml.safe_dump(config))
-    env = _launcher_env(m)
-    run_dir = m.home / "runs" / "up"
-    target, every = 40 * 32, 10 * 32
+def _ray(*args: str, env: dict, timeout: float = 120, what: str = "") -> subprocess.CompletedProcess:
     try:
-        up = _run_or_say([RAY_CLI, "up", "-y", str(yaml_path), "--no-config-cache"], m, timeout=180, env=env,
-                         cwd=REPO)
-        assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        assert (m.home / "dcgan-dist" / "dcgan_dist" / "train" / "loop.py").is_file()  # file_mounts: the checkout
-        assert (m.home / ".ray" / "auth_token").read_text() == (m.root / "client/.ray/auth_token").read_text()
-        assert any("raylet" in p for p in _processes_of(m.home)), "no Ray process runs in the cluster's home"
+        return subprocess.run([RAY_CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"`ray {' '.join(args[:2])}` hung: {str(err.stdout)[-3000:]}\n"
+                             f"{str(err.stderr)[-2000:]}\n{what}") from None
 
-        # The job, as docs/cluster.md submits it: through the dashboard on the head's loopback.
-        job = f"dcgan-up-{secrets.token_hex(4)}"
-        submit = _run_or_say(
-            [RAY_CLI, "job", "submit", "--address", DASHBOARD, "--submission-id", job,
-             "--working-dir", ".", "--", "python", "-m", "dcgan_dist.train", "--config", "configs/mnist_local.yaml",
-             f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=200",
-             "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={target}", "train.device=cpu",
-             f"log.every_images={every}", f"log.sample_every_images={target}",
-             f"log.checkpoint_every_images={target // 2}", "log.grid_size=16", f"run_dir={run_dir}",
-             "trainer.num_workers=2"],
-            m, timeout=240, env=env, cwd=REPO)
-        # `ray job submit` follows the log, and may stop following while a node joins: ask for the end, as
-        # docs/cluster.md does (`ray job status`, `ray job logs`).
-        deadline = time.monotonic() + 150
-        while True:
-            status = _run_or_say([RAY_CLI, "job", "status", "--address", DASHBOARD, job], m, timeout=60, env=env)
-            if re.search(r"succeeded|failed|stopped", status.stdout, re.IGNORECASE):
-                break
-            assert time.monotonic() < deadline, f"the job did not end: {status.stdout}\n{_autoscaler_log(m)}"
-            time.sleep(2)
-        logs = _run_or_say([RAY_CLI, "job", "logs", "--address", DASHBOARD, job], m, timeout=60, env=env).stdout
-        assert re.search("succeeded", status.stdout, re.IGNORECASE), f"{submit.stdout[-3000:]}\n{logs[-4000:]}\n{_autoscaler_log(m)}"
 
-        events = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
-        assert len(events) == 1
-        acc = EventAccumulator(str(events[0]))
-        acc.Reload()
-        assert [e.step for e in acc.Scalars("loss/D")] == list(range(every, target + 1, every))
-        assert {e.value for e in acc.Scalars("perf/world_size")} == {2}
-        final = checkpoint.load(checkpoint.path_for(run_dir, target), resumable=True)
-        assert final.images == target and final.resume.geometry["world_size"] == 2
+def _monitor_log(head: Host) -> str:
+    """The end of the head's autoscaler log: what it did to start the worker hosts' nodes."""
+    r = head.run("sh", "-c", "tail -n 40 /tmp/ray/session_latest/logs/monitor.log")
+    return r.stdout
 
-        # Each progress line once in `ray job logs` (Train V2's print patch showed every one twice: ray_launch.run).
-        progress = [line for line in logs.splitlines() if re.search(rf"\] \d+/{target} images ", line)]
-        assert len(progress) == target // every and len(set(progress)) == len(progress), logs[-4000:]
 
-        # Each rank said once where it runs.
-        where = dict(re.findall(r"dcgan_dist: rank (\d) of 2 on node \S+ \(([\d.]+)\), device cpu, backend gloo",
-                                logs))
-        assert set(where) == {"0", "1"}, logs[-4000:]
-    finally:
-        down = subprocess.run([RAY_CLI, "down", "-y", str(yaml_path)], capture_output=True, text=True,
-                              timeout=120, env=env, cwd=REPO)
-        # The launcher's SSH control sockets: /tmp/ray_ssh_<hash of this user>/<hash of the cluster name>.
-        control = Path(f"/tmp/ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}")
-        shutil.rmtree(control / hashlib.sha256(config["cluster_name"].encode()).hexdigest()[:10], ignore_errors=True)
-        if control.is_dir() and not any(control.iterdir()):
-            control.rmdir()
-    assert down.returncode == 0, f"{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
-    deadline = time.monotonic() + 30
-    while _processes_of(m.home) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _processes_of(m.home), f"left running after `ray down`: {_processes_of(m.home)}"
+def _alive(env: dict) -> list[str]:
+    """The addresses of the cluster's live nodes, as `ray list nodes` gives them through the dashboard."""
+    r = _ray("list", "nodes", "--address", DASHBOARD, "--format", "json", "--detail", env=env, timeout=60)
+    if r.returncode != 0 or not r.stdout.strip().startswith("["):
+        return []
+    return sorted(n["node_ip"] for n in json.loads(r.stdout) if n["state"] == "ALIVE")
+
+
+def _tunnel(config: Path, env: dict) -> subprocess.Popen:
+    """`ray dashboard cluster.yaml` (docs/cluster.md), in a session of its own to end it afterwards; once the
+    dashboard answers through it."""
+    tunnel = subprocess.Popen([RAY_CLI, "dashboard", str(config)], env=env, cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=5).close()
+            return tunnel
+        except urllib.error.HTTPError:  # an answer (401 without the token): the tunnel is there
+            return tunnel
+        except OSError:  # refused, or the head's dashboard not answering yet
+            assert tunnel.poll() is None and time.monotonic() < deadline, "`ray dashboard` did not tunnel"
+            time.sleep(0.5)
+
+
+def _left(hosts: list[Host]) -> dict[str, list[str]]:
+    return {h.address: h.processes() for h in hosts if h.processes()}
+
+
+def test_ray_up_three_hosts_job_across_them_ray_down(hosts_share):
+    """`ray up -y` -> three nodes alive at three addresses -> `ray job submit` of a 3-worker run, one rank on each
+    host, its process group formed across the links -> TensorBoard events and checkpoints -> `ray down -y` ->
+    nothing of Ray left on any host."""
+    target, every = 40 * 3 * BATCH, 10 * 3 * BATCH
+    run_dir = hosts_share / "run"
+    with made_hosts(3, ssh=True) as hosts, tempfile.TemporaryDirectory(prefix="dcgan-yours-") as yours:
+        head, *workers = hosts
+        config = _overlaid(head, workers)
+        config_path = Path(yours) / "local.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        env = _your_machine(Path(yours) / "home")
+        tunnel = None
+        try:
+            t0 = time.monotonic()
+            up = _ray("up", "-y", str(config_path), "--no-config-cache", env=env, timeout=240,
+                      what=_monitor_log(head))
+            assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+            print(f"ray up: returned after {time.monotonic() - t0:.0f} s")
+            # The workers' nodes come after: the head's autoscaler starts them over SSH.
+            tunnel = _tunnel(config_path, env)
+            addresses = sorted(h.address for h in hosts)
+            deadline = time.monotonic() + 240
+            while _alive(env) != addresses:
+                assert time.monotonic() < deadline, f"nodes alive: {_alive(env)}\n{_monitor_log(head)}"
+                time.sleep(2)
+            print(f"ray up: 3 nodes alive at {addresses} after {time.monotonic() - t0:.0f} s")
+            token = (Path(yours) / "home" / ".ray" / "auth_token").read_text()
+            home = head.login.home
+            for host in hosts:  # file_mounts, as written: the checkout and the token, on every host
+                assert host.run("test", "-f", f"{home}/dcgan-dist/dcgan_dist/train/loop.py").returncode == 0
+                assert host.run("cat", f"{home}/.ray/auth_token").stdout == token
+
+            # The job, as docs/cluster.md submits it with RAY_ADDRESS exported, at test size on CPUs; 2 CPUs a worker
+            # (each host has 2): one rank per host.
+            job = f"dcgan-up-{secrets.token_hex(4)}"
+            submit = _ray(
+                "job", "submit", "--submission-id", job, "--working-dir", ".", "--runtime-env-json",
+                '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}', "--",
+                "python", "-m", "dcgan_dist.train", "--config", "configs/mnist_local.yaml",
+                f"data.shards={hosts_share / 'shards'}", "data.builtin=null", "data.num_workers=0",
+                "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", f"train.batch_size={BATCH}",
+                f"train.images={target}", "train.device=cpu", f"log.every_images={every}",
+                f"log.sample_every_images={target}", f"log.checkpoint_every_images={target // 2}",
+                "log.grid_size=16", "trainer.num_workers=3", "trainer.cpus_per_worker=2", f"run_dir={run_dir}",
+                f"trainer.storage_path={hosts_share / 'ray'}",
+                env={**env, "RAY_ADDRESS": DASHBOARD}, timeout=300, what=_monitor_log(head))
+            # `ray job submit` follows the log; ask for the end as docs/cluster.md does (`ray job status`, `logs`).
+            deadline = time.monotonic() + 120
+            while True:
+                status = _ray("job", "status", "--address", DASHBOARD, job, env=env, timeout=60).stdout
+                if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):
+                    break
+                assert time.monotonic() < deadline, f"the job did not end: {status}"
+                time.sleep(2)
+            logs = _ray("job", "logs", "--address", DASHBOARD, job, env=env, timeout=60).stdout
+            assert re.search("succeeded", status, re.IGNORECASE), f"{submit.stdout[-3000:]}\n{logs[-4000:]}"
+
+            # One rank on each host, each bound to the interface holding its host's address.
+            where = dict(re.findall(r"dcgan_dist: rank (\d) of 3 on node \S+ \(([\d.]+)\)", logs))
+            assert sorted(where.values()) == addresses and set(where) == {"0", "1", "2"}, logs[-4000:]
+            chosen = re.findall(r"GLOO_SOCKET_IFNAME=(dcgt\w+) \(chosen: holds ([\d.]+)\)", logs)
+            assert sorted(a for _, a in chosen) == addresses, logs[-4000:]
+            # Each progress line once in `ray job logs` (Train V2's print patch doubled them: ray_launch.run).
+            progress = [line for line in logs.splitlines() if re.search(rf"\] \d+/{target} images ", line)]
+            assert len(progress) == target // every and len(set(progress)) == len(progress), logs[-4000:]
+
+            events = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+            assert len(events) == 1
+            acc = EventAccumulator(str(events[0]))
+            acc.Reload()
+            assert [e.step for e in acc.Scalars("loss/D")] == list(range(every, target + 1, every))
+            assert {e.value for e in acc.Scalars("perf/world_size")} == {3}
+            assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run_dir)] == [target // 2, target]
+            final = checkpoint.load(checkpoint.path_for(run_dir, target), resumable=True)
+            assert final.images == target and final.resume.geometry["world_size"] == 3
+        finally:
+            if tunnel is not None:
+                os.killpg(tunnel.pid, signal.SIGTERM)
+                tunnel.wait(timeout=30)
+            t_down = time.monotonic()
+            down = _ray("down", "-y", str(config_path), env=env, timeout=180)
+            # The launcher's SSH control sockets: /tmp/ray_ssh_<hash of this user>/<hash of the cluster name>.
+            control = Path(f"/tmp/ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}")
+            shutil.rmtree(control / hashlib.sha256(config["cluster_name"].encode()).hexdigest()[:10],
+                          ignore_errors=True)
+            if control.is_dir() and not any(control.iterdir()):
+                control.rmdir()
+        assert down.returncode == 0, f"{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
+        # Nothing of Ray on any host: the workers' too (their follower stops them once the head's GCS is gone;
+        # the SSH sessions of the launcher and of the head's autoscaler end on their own, ControlPersist=10s).
+        deadline = time.monotonic() + 60
+        while _left(hosts) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _left(hosts), f"left running after `ray down`: {_left(hosts)}"
+        print(f"ray down: nothing left on any host after {time.monotonic() - t_down:.0f} s")

@@ -36,7 +36,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import ray
+# Ray's driver folds worker lines that differ only in their numbers into one "[repeated Nx across cluster]", which
+# left one rank's start-up line of N (rendezvous.py: "dcgan_dist: rank R of N on node ..."): never fold those.
+# Read when Ray is imported, hence here; a pattern the user set is kept.
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", "dcgan_dist: rank ")
+
+import ray  # noqa: E402
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
