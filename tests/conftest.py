@@ -14,36 +14,37 @@ from dcgan_dist import config
 from dcgan_dist.shard.run import builtin_shards
 
 
-# The modules that start Ray clusters: one pytest-xdist worker runs them, one after another, first (Ray finds a
-# cluster to join through `ps`, which sees the test hosts' processes too). They use this
-# machine's default Ray ports (`ray up`'s head), a cluster-less test must find no other cluster running (Ray joins
-# any it sees in `ps`), and they spend much of their time waiting for Ray (health checks, restarts, a drain
-# deadline), while the other worker runs the rest of the suite.
-RAY_MODULES = ("test_ray.py", "test_ray_up.py", "test_hosts.py")
+# The modules that start Ray clusters, in two units that pytest-xdist runs first, each whole on one worker (one
+# module after another), while the other workers run the rest. They spend much of their time waiting for Ray
+# (health checks, restarts, a drain deadline). test_ray.py's clusters live on this machine's loopback; the test
+# hosts' (tests/hosts.py) in namespaces with ports of their own, so the two units may run side by side: nothing
+# joins a cluster it sees only in `ps` (ray_launch._connect), and each unit uses free or its own ports.
+RAY_UNITS = {"ray": ("test_ray.py",), "hosts": ("test_hosts.py", "test_ray_up.py")}
 
 
-def _ray_module(nodeid: str) -> bool:
-    return nodeid.split("::", 1)[0].endswith(RAY_MODULES)
+def _ray_unit(nodeid: str) -> str | None:
+    module = nodeid.split("::", 1)[0]
+    return next((unit for unit, modules in RAY_UNITS.items() if module.endswith(modules)), None)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadfile (pyproject's addopts), with both Ray modules as one unit: each module runs whole on one
-    worker (its module fixtures are made once), in collection order."""
+    """--dist loadfile (pyproject's addopts), with each Ray unit as one: each module runs whole on one worker (its
+    module fixtures are made once), in collection order."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayModulesTogether(LoadScopeScheduling):
+    class RayUnitsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if _ray_module(nodeid) else nodeid.split("::", 1)[0]
+            return _ray_unit(nodeid) or nodeid.split("::", 1)[0]
 
-    config.option.loadscopereorder = False  # keep the order below: the Ray unit first, the longest
-    return RayModulesTogether(config, log)
+    config.option.loadscopereorder = False  # keep the order below: the Ray units first, the longest
+    return RayUnitsTogether(config, log)
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not _ray_module(item.nodeid))  # stable: the Ray modules first, else as collected
+    items.sort(key=lambda item: _ray_unit(item.nodeid) is None)  # stable: the Ray units first, else as collected
 
 
 # One torch thread per core and worker: two pytest-xdist workers each running two OpenMP threads on two cores spin

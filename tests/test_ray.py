@@ -106,19 +106,52 @@ def _ray_checkpoints(run_dir: Path) -> list[Path]:
 
 
 @pytest.mark.ray
-def test_workers_that_do_not_fit_a_local_instance_fail_at_once(mnist_shards, tmp_path):
-    """No cluster to join: Ray starts a local instance, which can never hold 4 GPU workers; say so, don't wait."""
+def test_workers_that_do_not_fit_a_local_instance_fail_at_once(two_nodes, mnist_shards, tmp_path):
+    """No cluster to join (none in RAY_ADDRESS, none that `ray start` recorded here; two_nodes runs, visible in
+    `ps` only, and is not joined by guess): Ray starts a local instance, which can never hold 4 GPU workers; say
+    so, don't wait (a joined cluster would wait for its autoscaler instead)."""
     ray_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env.update(RAY_TMPDIR=ray_dir, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    # two_nodes' token stays in the environment: joining it by guess would succeed, and then wait.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_dir, RAY_USAGE_STATS_ENABLED="0")
     try:
         proc = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}",
                                "data.builtin=null", f"run_dir={tmp_path / 'run'}", "trainer.num_workers=4",
                                "trainer.use_gpu=true"], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"it waited, on a cluster it joined by guess: {err.stderr}") from None
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert proc.returncode != 0
     assert "trainer: this machine has" in proc.stderr and "0 GPU of the 4 needed" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_the_cluster_ray_start_recorded_here_is_joined(two_nodes, mnist_shards, tmp_path):
+    """The same command where `ray start` has recorded a cluster on this machine (RAY_TMPDIR/ray/
+    ray_current_cluster, here naming two_nodes): it joins that cluster, which may yet grow, so it waits for the
+    autoscaler and says so instead of failing."""
+    cluster, _ = two_nodes
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(cluster.address)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}",
+                             "data.builtin=null", f"run_dir={tmp_path / 'run'}", "trainer.num_workers=4",
+                             "trainer.use_gpu=true"], stderr=subprocess.PIPE, text=True, env=env)
+    said = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("waiting for the autoscaler" in line for line in said) and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            said.append(line)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any("the cluster has 2 CPU of the 4 needed, 0 GPU of the 4 needed now; waiting for the autoscaler" in line
+               for line in said), "".join(said)[-2000:]
 
 
 @pytest.mark.ray
@@ -212,8 +245,10 @@ def test_ray_job_stop_checkpoints_the_count_reached_and_the_same_job_resumes(two
         time.sleep(0.5)
         reached = max([0, *(step for attempt in _scalars(run_dir) for step in attempt)])
     assert reached >= 2 * every, f"the job logged {reached} images in time:\n{client.get_job_logs(first)[-3000:]}"
+    asked = time.monotonic()
     stop = subprocess.run([RAY_CLI, "job", "stop", "--address", dashboard, first], capture_output=True, text=True,
                           timeout=180)
+    took = time.monotonic() - asked  # `ray job stop` waits until the job has stopped
     logs = client.get_job_logs(first)
     assert stop.returncode == 0 and client.get_job_status(first) == JobStatus.STOPPED, stop.stdout + logs[-3000:]
     written = [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run_dir)]
@@ -221,7 +256,7 @@ def test_ray_job_stop_checkpoints_the_count_reached_and_the_same_job_resumes(two
     assert at_stop >= reached and at_stop % every == 0 and at_stop % periodic != 0 and at_stop < target, written
     assert f"stopped by signal {signal.SIGTERM.value}" in logs, logs[-3000:]
     assert at_stop in _stored_images(run_dir), "the stop's checkpoint was not reported to Ray"
-    print(f"ray job stop: logged {reached} images when stopped, checkpoint at {at_stop}")
+    print(f"ray job stop: logged {reached} images when stopped, checkpoint at {at_stop}, stopped after {took:.1f} s")
 
     second = submit(f"dcgan-stop-{secrets.token_hex(4)}")  # `ray job submit` waits for the end
     assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}"

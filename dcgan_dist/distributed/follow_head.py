@@ -23,6 +23,10 @@ SIGKILL after `--grace` seconds) and exits when
 
 It only ever stops processes of the session it follows (found by the session directory on their command line,
 and everything they started), so a follower left from an earlier `ray start` never touches a newer session.
+
+A head restarted in place also refuses for a while; without GCS fault tolerance (an external Redis, which
+cluster/local.yaml does not set up) the workers' raylets cannot rejoin it anyway. With it, raise `--refusals` to
+outlast the GCS's restart, or drop the follower.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .ray_files import ray_temp_dir
 
 
 @dataclass(frozen=True)
@@ -132,12 +138,6 @@ def follow(head: tuple[str, int], session: Path, every: float, refusals: int, gr
         time.sleep(every)
     signalled = stop(members, grace)
     return f"{why}; stopped {len(signalled)} processes of {session.name}: {sorted(signalled)}"
-
-
-def ray_temp_dir() -> Path:
-    """Where `ray start` puts its sessions without --temp-dir (Ray's own rule)."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    return Path(base) / "ray"
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """Launch the training loop on a Ray cluster: Ray Train's TorchTrainer runs it on every worker as DDP.
 
 `python -m dcgan_dist.train ... trainer.num_workers=N` lands here, with the loop (train/loop.py's train) handed in,
-so that this module knows Ray and ranks but nothing of the GAN. The driver connects to the cluster that Ray
-finds (RAY_ADDRESS under `ray job submit`, else a running local cluster, else a fresh local instance), and each
+so that this module knows Ray and ranks but nothing of the GAN. The driver connects to RAY_ADDRESS's cluster
+(`ray job submit` sets it), else the one `ray start` recorded on this machine, else a fresh local instance, and each
 Ray worker calls the same loop as a local run; Ray has already joined the process group (NCCL on GPUs, gloo on
 the CPU) and set RANK/WORLD_SIZE/LOCAL_RANK, which context.init picks up.
 
@@ -52,7 +52,7 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
-from . import rendezvous
+from . import ray_files, rendezvous
 from .interruptions import Notice, Preempted, Stopped, StopRequest
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
@@ -265,16 +265,24 @@ def trainer_for(cfg: Config, loop: Loop, stop_flag: str) -> TorchTrainer:
 
 
 def _connect() -> bool:
-    """Join the cluster Ray finds (RAY_ADDRESS, or one started on this machine) or start a local instance.
+    """Join RAY_ADDRESS's cluster (`ray job submit` sets it), else the one `ray start` recorded on this machine,
+    else start a local instance.
 
-    Returns True when joining a cluster, False for a local instance (which never gains nodes).
+    Never a cluster that Ray would guess from `ps` (its "auto" address joins any GCS process it sees: another
+    user's, another Ray temp dir's, a container's). Returns True when joining a cluster, False for a local instance
+    (which never gains nodes).
     """
     if ray.is_initialized():
         return True
+    if not os.environ.get("RAY_ADDRESS") and not ray_files.current_cluster_file().is_file():
+        _start_local()
+        return False
     try:
-        ray.init(address="auto")
+        ray.init()  # RAY_ADDRESS, else the recorded address
         return True
-    except ConnectionError:
+    except ConnectionError:  # a record left by a cluster that is gone
+        if os.environ.get("RAY_ADDRESS"):
+            raise
         _start_local()
         return False
 
