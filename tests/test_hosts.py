@@ -157,7 +157,7 @@ def test_an_elastic_group_outlives_a_lost_host_and_ends_at_train_images(hosts_sh
     down (a partition), or its processes killed outright (its PID namespace ended), at N images. Ray declares the
     node dead, the group restarts on the head's host from the last checkpoint and ends at exactly train.images;
     the test prints the timeline and the images done twice."""
-    periodic, target = 20 * 2 * BATCH, 200 * 2 * BATCH
+    periodic, target = 20 * 2 * BATCH, 120 * 2 * BATCH
     with made_hosts(2) as hosts:
         head, other = hosts
         try:
@@ -174,7 +174,7 @@ def test_an_elastic_group_outlives_a_lost_host_and_ends_at_train_images(hosts_sh
                 if status in ("succeeded", "failed", "stopped"):
                     break
                 logged = [int(n) for n in re.findall(rf"\] (\d+)/{target} images", logs)]
-                if "lost" not in t and max(logged, default=0) >= 3 * periodic and len(_where(logs)) == 2:
+                if "lost" not in t and max(logged, default=0) >= 2 * periodic and len(_where(logs)) == 2:
                     t["lost"], t["logged before"] = time.monotonic(), max(logged)
                     other.cut() if loss == "link cut" else other.end()
                 if "lost" in t and "dead" not in t and other.address not in _alive_nodes(dashboard):

@@ -219,7 +219,7 @@ def test_ray_job_stop_checkpoints_the_count_reached_and_the_same_job_resumes(two
     _, dashboard = two_nodes
     client = JobSubmissionClient(dashboard)
     run_dir = tmp_path / "job-run"
-    every, periodic, target = 10 * GLOBAL_BATCH, 150 * GLOBAL_BATCH, 300 * GLOBAL_BATCH
+    every, periodic, target = 10 * GLOBAL_BATCH, 100 * GLOBAL_BATCH, 150 * GLOBAL_BATCH
     overrides = [
         f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=1", "data.shuffle_buffer=200",
         "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={target}", "train.device=cpu",
