@@ -18,6 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint
+from dcgan_dist.distributed.processes import processes
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 IMAGES = 960
@@ -99,9 +100,14 @@ def test_second_signal_exits_at_once(mnist_shards, tmp_path):
     while not any("writing a checkpoint at the next step boundary" in line for line in said):
         assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
         time.sleep(0.005)  # Python runs a handler once for signals that arrive before it ran: wait for the first
+    loaders = {p.pid: p.start for p in processes().values() if p.ppid == proc.pid}
     proc.send_signal(signal.SIGINT)
-    proc.stdout.read()
     proc.wait(timeout=60)
+    # Its data-loader workers went with it (killed first): one left behind could print the traceback of its broken
+    # connection to the parent (multiprocessing's resource_sharer), and lingered until its watchdog noticed.
+    now = processes()
+    assert loaders and not [pid for pid, start in loaders.items() if pid in now and now[pid].start == start]
+    proc.stdout.read()  # EOF once every holder of the pipe, loader workers too, is gone
     reader.join(timeout=60)
     err = "".join(said)
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]

@@ -38,39 +38,10 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .processes import Process, processes
 from .ray_files import ray_temp_dir
-
-
-@dataclass(frozen=True)
-class Process:
-    pid: int
-    ppid: int
-    start: int          # clock ticks after boot: with the pid, it names one process (pids are reused)
-    comm: str
-    cmdline: str
-
-
-def processes() -> dict[int, Process]:
-    """This machine's live processes (zombies are gone: they only wait to be reaped), from /proc."""
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # exited meanwhile
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] in ("Z", "X"):
-            continue
-        pid = int(entry.name)
-        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, cmdline)
-    return found
 
 
 def session_processes(session: Path, procs: dict[int, Process]) -> dict[int, int]:

@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .processes import kill_children
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -83,6 +85,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signum:
             print(f"dcgan_dist: second {signal.Signals(signum).name}: exiting at once", file=sys.stderr, flush=True)
+            kill_children()
             os._exit(128 + signum)
         self.signum = signum
         if self.on_first is not None:

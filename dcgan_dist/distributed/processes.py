@@ -1,0 +1,53 @@
+"""This machine's processes as /proc shows them (Linux), for what must find or stop processes by their parent or
+their command line: the follower of a worker node's Ray (follow_head) and the exit at a second signal
+(interruptions)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    ppid: int
+    start: int          # clock ticks after boot: with the pid, it names one process (pids are reused)
+    comm: str
+    cmdline: str
+
+
+def processes() -> dict[int, Process]:
+    """This machine's live processes (zombies are gone: they only wait to be reaped), from /proc."""
+    found: dict[int, Process] = {}
+    if not os.path.isdir("/proc"):  # not Linux: nothing to find
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):
+            continue
+        pid = int(entry.name)
+        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, cmdline)
+    return found
+
+
+def kill_children() -> None:
+    """SIGKILL this process's children (data-loader workers): a child that outlives an os._exit would print the
+    traceback of its broken connection to the parent."""
+    me = os.getpid()
+    for pid, proc in processes().items():
+        if proc.ppid == me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
