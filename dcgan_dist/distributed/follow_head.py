@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from .processes import Process, processes
+from .processes import Process, living, processes, send
 from .ray_files import ray_temp_dir
 
 
@@ -74,19 +74,11 @@ def refused(host: str, port: int, timeout: float) -> bool:
 
 def stop(members: dict[int, int], grace: float) -> list[int]:
     """SIGTERM the members still alive, SIGKILL those left after grace seconds; the pids signalled."""
-    def alive() -> list[int]:
-        procs = processes()
-        return [pid for pid, start in members.items() if pid in procs and procs[pid].start == start]
-
-    signalled = alive()
+    signalled = list(living(members))
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid in alive():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        send(living(members), sig)
         deadline = time.monotonic() + wait
-        while alive() and time.monotonic() < deadline:
+        while living(members) and time.monotonic() < deadline:
             time.sleep(0.2)
     return signalled
 
@@ -97,8 +89,7 @@ def follow(head: tuple[str, int], session: Path, every: float, refusals: int, gr
     in_a_row = 0
     while True:
         procs = processes()
-        members.update(session_processes(session, procs))
-        members = {pid: start for pid, start in members.items() if pid in procs and procs[pid].start == start}
+        members = living({**members, **session_processes(session, procs)}, procs)
         if not any(procs[pid].comm == "raylet" for pid in members):
             why = "this node's raylet has exited"
             break

@@ -41,13 +41,23 @@ def processes() -> dict[int, Process]:
     return found
 
 
+def living(members: dict[int, int], procs: dict[int, Process] | None = None) -> dict[int, int]:
+    """Those of members (pid -> start) still running as the same processes (a pid may be reused)."""
+    procs = processes() if procs is None else procs
+    return {pid: start for pid, start in members.items() if pid in procs and procs[pid].start == start}
+
+
+def send(pids, sig: int) -> None:
+    """Signal each of pids; one that has exited meanwhile is passed over."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def kill_children() -> None:
     """SIGKILL this process's children (data-loader workers): a child that outlives an os._exit would print the
     traceback of its broken connection to the parent."""
     me = os.getpid()
-    for pid, proc in processes().items():
-        if proc.ppid == me:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    send([pid for pid, proc in processes().items() if proc.ppid == me], signal.SIGKILL)

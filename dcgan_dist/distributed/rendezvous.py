@@ -114,9 +114,10 @@ def _hint(host: str, port: int, world_size: int) -> str:
 def join(rank: int, world_size: int, timeout_s: float, backend: str) -> torch_dist.Store:
     """Meet the other ranks within timeout_s and return the store to build the process group on."""
     host, port = _master()
-    choose_interface(local_address(host, port))
+    address = local_address(host, port)
+    choose_interface(address)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    me = f"rank {rank} of {world_size} on node {node()} ({local_address(host, port)})"
+    me = f"rank {rank} of {world_size} on node {node()} ({address})"
     try:
         store = torch_dist.TCPStore(host, port, is_master=rank == 0 and not agent,
                                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
