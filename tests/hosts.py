@@ -61,10 +61,15 @@ def _owner_file(tag: str) -> Path:
     return Path(f"/var/tmp/{PREFIX}{tag}.owner")
 
 
+def tag_of(name: str) -> str:
+    """The tag of one made_hosts call, from the name of anything it made: PREFIX + 4 hex digits + what it is."""
+    return name[len(PREFIX):len(PREFIX) + 4]
+
+
 def _orphaned(name: str) -> bool:
-    """Whether a made thing (named PREFIX + a 4-hex tag + ...) belongs to no live test process: hosts made by a
-    test running beside this one (another pytest worker) are left alone."""
-    owner = _owner_file(name[len(PREFIX):len(PREFIX) + 4])
+    """Whether a made thing belongs to no live test process: hosts made by a test running beside this one
+    (another pytest worker) are left alone."""
+    owner = _owner_file(tag_of(name))
     try:
         os.kill(int(owner.read_text()), 0)
         return False

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dcgan_dist import checkpoint
-from hosts import Host, available, made_hosts
+from hosts import PREFIX, Host, available, made_hosts, tag_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -94,13 +94,11 @@ def _where(logs: str) -> dict[str, str]:
 
 def _made_by(tag: str) -> list[str]:
     """Everything tests/hosts.py made under one tag that still exists: namespaces, links, folders."""
-    from hosts import PREFIX
-
     things = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     things += re.findall(r"^\d+: ([^:@]+)", subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
                                                             text=True).stdout, re.MULTILINE)
     things += [p.name for p in Path("/var/tmp").iterdir()]
-    return sorted(t for t in things if t.startswith(PREFIX + tag))
+    return sorted(t for t in things if t.startswith(PREFIX) and tag_of(t) == tag)
 
 
 SSH = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"]
@@ -113,7 +111,7 @@ def test_test_hosts_are_machines_of_their_own_and_leave_nothing_behind():
     test inside fails, and what a killed test process left is swept by the next one."""
     with pytest.raises(RuntimeError, match="a failing test"):
         with made_hosts(2, ssh=True) as hosts:
-            tag = hosts[0].name[4:8]
+            tag = tag_of(hosts[0].name)
             for host, other in (hosts, hosts[::-1]):
                 assert re.findall(r"inet ([\d.]+)/24", host.run("ip", "-o", "-4", "addr").stdout) == [host.address]
                 assert host.run("getent", "hosts", host.run("hostname").stdout.strip()).stdout.startswith("127.")
@@ -132,15 +130,15 @@ def test_test_hosts_are_machines_of_their_own_and_leave_nothing_behind():
 
     # A test process killed while its hosts live: the next made_hosts sweeps them (and only orphans).
     child = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.path.insert(0, sys.argv[1])\n"
-                              "from hosts import made_hosts\nwith made_hosts(1, ssh=True) as (h,):\n"
-                              "    print(h.name[4:8], flush=True)\n    time.sleep(600)", str(REPO / "tests")],
+                              "from hosts import made_hosts, tag_of\nwith made_hosts(1, ssh=True) as (h,):\n"
+                              "    print(tag_of(h.name), flush=True)\n    time.sleep(600)", str(REPO / "tests")],
                              stdout=subprocess.PIPE, text=True)
     orphan = child.stdout.readline().strip()
     child.kill()
     child.wait()
     assert _made_by(orphan)
     with made_hosts(1) as (host,):
-        assert _made_by(orphan) == [] and _made_by(host.name[4:8])
+        assert _made_by(orphan) == [] and _made_by(tag_of(host.name))
 
 
 def _job(dashboard: str, job: str) -> tuple[str, str]:
