@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,21 @@ def send(pids, sig: int) -> None:
             pass
 
 
-def kill_children() -> None:
-    """SIGKILL this process's children (data-loader workers): a child that outlives an os._exit would print the
-    traceback of its broken connection to the parent."""
+def kill_children(wait: float = 2.0) -> None:
+    """SIGKILL this process's children (data-loader workers) and reap them, waiting up to `wait` seconds: a child
+    that outlives an os._exit would print the traceback of its broken connection to the parent. A signal is
+    delivered asynchronously, so only the reaping says the child is gone before this process goes."""
     me = os.getpid()
-    send([pid for pid, proc in processes().items() if proc.ppid == me], signal.SIGKILL)
+    children = [pid for pid, proc in processes().items() if proc.ppid == me]
+    # torch's DataLoader handles SIGCHLD by raising that a worker was killed: not now, this process is going.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    send(children, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    for pid in children:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:  # reaped already (multiprocessing's own bookkeeping)
+                break
+            time.sleep(0.01)
