@@ -12,6 +12,7 @@ this, and that there is no import cycle):
   2  checkpoint.py    atomic checkpoints and the networks they hold
   1  models.py, grids.py   G and D as the paper specifies them; image grids
   0  config.py, files.py, pixels.py   the schema, atomic files, the uint8 <-> [-1, 1] conversion
+ -1  limits.py        what reading others' files may cost: the defaults config.py, data/ and shard/ share
 
 Within a part (a subpackage) modules may import each other, without cycles.
 """

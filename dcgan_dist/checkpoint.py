@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import files, models
-from .config import CHOICES, Config, from_dict
+from .config import CHOICES, Config, ConfigError, from_dict
 
 FORMAT = 1
 BEST = "best.pt"
@@ -191,12 +191,27 @@ def copy_into(path: Path, run_dir: str | Path) -> Path:
     return target
 
 
+SAFE_TORCH = (2, 10)  # CVE-2025-32434 (below 2.6) and CVE-2026-24747 (below 2.10) run code from weights_only loads
+
+
+def load_weights(path: str | Path, map_location="cpu"):
+    """torch.load of a file someone else may have made: weights_only, and only on a torch whose weights_only
+    loader has no known way to run code (pyproject.toml asks for it; this catches a torch installed by hand)."""
+    release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if release < SAFE_TORCH:
+        raise CheckpointError(f"torch {torch.__version__} can run code hidden in a crafted file even with "
+                              f"weights_only (CVE-2025-32434, CVE-2026-24747): install torch>=2.10 to read {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load(path: str | Path, map_location="cpu", resumable: bool = False) -> Checkpoint:
-    """Read a checkpoint safely (weights_only) as a record; a damaged file or a missing field is a CheckpointError
+    """Read a checkpoint safely (load_weights) as a record; a damaged file or a missing field is a CheckpointError
     that names it. resumable: it must hold a Resume (best.pt does not)."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_weights(path, map_location)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     record = _record(state, path)
@@ -255,6 +270,31 @@ class Networks:
         return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
 
 
+def _check_shapes(cfg: Config, states: dict[str, dict], path: Path) -> None:
+    """The networks cfg.model describes, built without memory (the meta device), must have exactly the tensors
+    the checkpoint holds: a config that claims huge widths beside small tensors is an error before anything is
+    allocated, and what is allocated afterwards is bounded by the file's own size."""
+    with torch.device("meta"):
+        expected = {"D": models.Discriminator(cfg.model).state_dict()}
+        expected["G"] = expected["G_ema"] = models.Generator(cfg.model).state_dict()
+    for name, state in states.items():
+        want = {k: tuple(v.shape) for k, v in expected[name].items()}
+        have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if set(have) != set(want) or len(have) != len(state):
+            odd = sorted(set(have) ^ set(want) | {k for k in state if k not in have})[:3]
+            raise CheckpointError(f"checkpoint {path}: {name} does not hold the tensors its config's model "
+                                  f"({_describe(cfg)}) has (first differing: {', '.join(odd)})")
+        for key, shape in want.items():
+            if have[key] != shape:
+                raise CheckpointError(f"checkpoint {path}: {name}.{key} has shape {list(have[key])}, but its "
+                                      f"config's model ({_describe(cfg)}) needs {list(shape)}")
+
+
+def _describe(cfg: Config) -> str:
+    m = cfg.model
+    return f"resolution {m.resolution}, channels {m.channels}, nz {m.nz}, ngf {m.ngf}, ndf {m.ndf}, kernel {m.kernel}"
+
+
 def load_networks(path: str | Path, device: str | torch.device = "cpu", generator: str = "ema") -> Networks:
     """A checkpoint file (ckpt-*.pt or best.pt), or a run directory's newest checkpoint, as G and D in eval mode
     (running statistics).
@@ -270,15 +310,17 @@ def load_networks(path: str | Path, device: str | torch.device = "cpu", generato
             raise FileNotFoundError(f"{path} holds no checkpoints/ckpt-*.pt")
         path = found
     record = load(path)
-    cfg = from_dict(record.config)
+    try:
+        cfg = from_dict(record.config)
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: its config: {err}") from None
+    used = "G_ema" if generator == "ema" and record.G_ema is not None else "G"
+    g_state = record.G_ema if used == "G_ema" else record.G
+    _check_shapes(cfg, {used: g_state, "D": record.D}, path)
     G, D = models.Generator(cfg.model), models.Discriminator(cfg.model)
-    used, note = "G", None
-    if generator == "ema" and record.G_ema is not None:
-        G.load_state_dict(record.G_ema)
-        used = "G_ema"
-    else:
-        G.load_state_dict(record.G)
-        if generator == "ema":
-            note = f"{path} holds no G_ema (trained with train.ema_images=0): sampling from G"
+    G.load_state_dict(g_state)
     D.load_state_dict(record.D)
+    note = None
+    if generator == "ema" and used == "G":
+        note = f"{path} holds no G_ema (trained with train.ema_images=0): sampling from G"
     return Networks(path, cfg, record.images, G.to(device).eval(), D.to(device).eval(), used, note)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .limits import MAX_IMAGE_PIXELS, MAX_SAMPLE_BYTES
 
 
 def _config_dir() -> Path:
@@ -52,6 +55,10 @@ class DataConfig:
     read_retries: int = 3           # retries of a failed remote shard read before the shard is skipped and counted
     retry_backoff: float = 1.0      # seconds before the first retry; doubled for each later one (with jitter)
     io_timeout: float = 30.0        # seconds a remote connect or read may stall before the attempt counts as failed
+    # Shards are others' files (docs/loader.md, "Untrusted data"); a sample over a limit is skipped and counted:
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # an image whose header declares more (height x width) is not decoded;
+                                              # 2^26 = 8192 x 8192, above any camera's photo, far below a bomb
+    max_sample_bytes: int = MAX_SAMPLE_BYTES  # a sample whose tar members hold more is not read; 2^28 = 256 MiB
 
 
 @dataclass
@@ -147,26 +154,32 @@ class Config:
 
 SWITCH = ("auto", "true", "false", "True", "False")  # YAML's true/false reach a str key as "True"/"False"
 
-# Every numeric key's allowed range: (lowest, highest), None for no bound; "<" before a bound excludes it.
-# tests/test_config.py checks that every int or float field of the schema is listed here.
+# Every numeric key's allowed range: (lowest, highest); "<" before a bound excludes it. Every key has both bounds:
+# a config also comes out of checkpoints that others made (from_dict), and a size there must not cost unbounded
+# memory or time (SECURITY.md). The highs sit far above any real run: 512 channels is 4x the paper's widest
+# model, 10^12 - 1 images is what a checkpoint's 12-digit name holds; a learning rate is no size, only finite
+# (a huge one is how tests force divergence). tests/test_config.py checks that every int
+# or float field of the schema is listed here with an upper bound.
+_IMAGES = 999_999_999_999
+_DAY = 86_400.0
 RANGES: dict[str, tuple] = {
-    "model.nz": (1, None), "model.ngf": (1, None), "model.ndf": (1, None),
-    "data.size": (1, None), "data.shuffle_buffer": (1, None), "data.num_workers": (0, None),
-    "data.prefetch": (1, None), "data.read_retries": (0, None), "data.retry_backoff": (0, None),
-    "data.io_timeout": ("<", 0, None),
-    "train.images": (1, None), "train.batch_size": (1, None), "train.lr_d": ("<", 0, None),
-    "train.lr_g": ("<", 0, None), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1), "train.seed": (0, None),
-    "train.max_rollbacks": (0, None), "train.ema_images": (0, None), "train.ema_rampup": ("<", 0, None),
-    "log.keep_every_images": (1, None),
-    "trainer.collective_timeout_s": ("<", 0, None),
-    "log.every_images": (1, None), "log.sample_every_images": (1, None), "log.checkpoint_every_images": (1, None),
-    "log.keep_checkpoints": (1, None), "log.grid_size": (1, None),
-    "trainer.num_workers": (0, None), "trainer.cpus_per_worker": (1, None), "trainer.max_failures": (-1, None),
-    "trainer.min_workers": (1, None), "trainer.elastic_check_s": (0, None),
-    "trainer.max_preemption_failures": (-1, None), "trainer.preemption_grace_s": (0, None),
-    "trainer.startup_timeout_s": ("<", 0, None),
-    "perf.ddp_bucket_mb": (1, None),
-    "eval.every_images": (1, None), "eval.samples": (2, None), "eval.real_samples": (2, None),
+    "model.nz": (1, 1024), "model.ngf": (1, 512), "model.ndf": (1, 512),
+    "data.size": (1, _IMAGES), "data.shuffle_buffer": (1, 1_000_000), "data.num_workers": (0, 64),
+    "data.prefetch": (1, 64), "data.read_retries": (0, 10), "data.retry_backoff": (0, 60.0),
+    "data.io_timeout": ("<", 0, 3600.0), "data.max_image_pixels": (1, 1 << 36), "data.max_sample_bytes": (1, 1 << 40),
+    "train.images": (1, _IMAGES), "train.batch_size": (1, 65_536), "train.lr_d": ("<", 0, "<", math.inf),
+    "train.lr_g": ("<", 0, "<", math.inf), "train.beta1": (0, "<", 1), "train.beta2": (0, "<", 1),
+    "train.seed": (0, 2**63 - 1), "train.max_rollbacks": (0, 100), "train.ema_images": (0, _IMAGES),
+    "train.ema_rampup": ("<", 0, 1.0),
+    "log.keep_every_images": (1, _IMAGES),
+    "log.every_images": (1, _IMAGES), "log.sample_every_images": (1, _IMAGES),
+    "log.checkpoint_every_images": (1, _IMAGES), "log.keep_checkpoints": (1, 1000), "log.grid_size": (1, 1024),
+    "trainer.num_workers": (0, 4096), "trainer.cpus_per_worker": (1, 1024), "trainer.max_failures": (-1, 1000),
+    "trainer.min_workers": (1, 4096), "trainer.elastic_check_s": (0, _DAY),
+    "trainer.max_preemption_failures": (-1, 1000), "trainer.preemption_grace_s": (0, _DAY),
+    "trainer.startup_timeout_s": ("<", 0, _DAY), "trainer.collective_timeout_s": ("<", 0, _DAY),
+    "perf.ddp_bucket_mb": (1, 1024),
+    "eval.every_images": (1, _IMAGES), "eval.samples": (2, 1_000_000), "eval.real_samples": (2, 10_000_000),
 }
 CHOICES: dict[str, tuple] = {
     "model.resolution": (32, 64, 128), "model.channels": (1, 3), "model.kernel": (4, 5),
@@ -212,6 +225,10 @@ def _checked(cfg) -> Config:
     if t.min_workers is not None and t.min_workers > t.num_workers:
         raise ConfigError(f"trainer.min_workers: {t.min_workers} is more than trainer.num_workers={t.num_workers} "
                           f"(an elastic group runs min_workers..num_workers ranks)")
+    if "://" in cfg.run_dir or cfg.run_dir.startswith("pipe:"):
+        raise ConfigError(f"run_dir: {cfg.run_dir!r} is a URL; the run directory is written through the local file "
+                          f"system (TensorBoard appends, checkpoints are replaced in place): give a local or NFS path "
+                          f"and put Ray's checkpoints in a bucket with trainer.storage_path (docs/object_storage.md)")
     e = cfg.eval
     if e.metric == "fid" and not e.inception_weights:
         raise ConfigError("eval.inception_weights: eval.metric=fid needs an Inception-v3 weights file "
@@ -262,8 +279,26 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return _checked(cfg)
 
 
+def _no_interpolation(data, key: str = "") -> None:
+    """Raise ConfigError at the first string holding an OmegaConf interpolation (`${...}`)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _no_interpolation(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            _no_interpolation(value, f"{key}[{i}]")
+    elif isinstance(data, str) and "${" in data:
+        raise ConfigError(f"key {key}: {data!r} is an interpolation; a config read from a file (a checkpoint, a "
+                          f"run's config.yaml) is data, and nothing in it is resolved")
+
+
 def from_dict(data: dict) -> Config:
-    """A config saved beside a run or in a checkpoint, validated against today's schema."""
+    """A config saved beside a run or in a checkpoint, validated against today's schema.
+
+    Such a file may come from someone else (SECURITY.md): it is taken as data. The training loop writes configs
+    resolved, so an interpolation in one (`${oc.env:AWS_SECRET_ACCESS_KEY}` in a URL, which OmegaConf would
+    resolve on access) is refused, and every size is checked against RANGES before anything is built from it."""
+    _no_interpolation(data)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     except OmegaConfBaseException as err:

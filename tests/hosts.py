@@ -123,7 +123,7 @@ class Login:
 
 @dataclass
 class Host:
-    """One test host: run commands in it, cut its link, end it."""
+    """One test host: run commands in it, cut its link and restore it, end it."""
     name: str          # the network namespace
     address: str       # its address on the test's link
     link: str          # the test side's end of its veth pair
@@ -141,6 +141,11 @@ class Host:
     def popen(self, *args: str, **kw) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), **kw)
 
+    def ssh(self) -> list[str]:
+        """argv that runs a command on the host over SSH, as the cluster launcher reaches it (made_hosts(ssh=True))."""
+        return ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                "-i", str(self.login.key), f"{self.login.user}@{self.address}"]
+
     def processes(self) -> list[str]:
         """The host's processes other than its init, as `ps` inside it shows them."""
         out = self.run("ps", "-eo", "pid=,args=").stdout.splitlines()
@@ -150,6 +155,10 @@ class Host:
     def cut(self) -> None:
         """Set the host's link down: a partition, its processes still running."""
         _ip("link", "set", self.link, "down")
+
+    def restore(self) -> None:
+        """Set the host's link up again: the partition heals."""
+        _ip("link", "set", self.link, "up")
 
     def end(self) -> None:
         """Kill the host's init: the kernel kills every process of its PID namespace."""

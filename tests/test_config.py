@@ -104,6 +104,20 @@ def test_every_key_rejects_a_bad_value_naming_it(key):
         config.load(None, [f"{key}={_bad_value(key)}"])
 
 
+def _too_big(key):
+    bounds = config.RANGES[key]
+    high = bounds[-1]
+    return high if (len(bounds) == 4 or (len(bounds) == 3 and bounds[0] != "<")) else high * 2 + 1
+
+
+@pytest.mark.parametrize("key", sorted(config.RANGES))
+def test_every_size_has_an_upper_bound_that_is_enforced(key):
+    """A config also comes out of checkpoints someone else made: no key may ask for unbounded memory or time."""
+    assert config.RANGES[key][-1] is not None, f"{key} has no upper bound"
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.") + ": must be"):
+        config.load(None, [f"{key}={_too_big(key)}"])
+
+
 # Through the command line, three of the issue's examples (the walk above covers every key through load()).
 @pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "data.num_workers=-1"])
 def test_cli_rejects_bad_values_with_status_2(override, tmp_path):
@@ -153,3 +167,10 @@ def test_an_elastic_group_restarts_after_a_lost_node_by_default():
     assert failures() == 0 and failures("trainer.min_workers=2") == 0  # min == num: not elastic
     assert failures("trainer.min_workers=1", "trainer.max_failures=0") == 0
     assert failures("trainer.max_failures=5") == 5
+
+
+def test_a_bucket_run_dir_is_refused_naming_the_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", "run_dir=s3://my-bucket/runs/x"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "run_dir" in r.stderr and "storage_path" in r.stderr, r.stderr
+    assert not (tmp_path / "s3:").exists()

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "dcgan_dist"
 # Longest prefix wins; the command lines (cli, __main__, sample) sit on top of everything.
 RANKS = {
     "dcgan_dist": 0, "dcgan_dist.config": 0, "dcgan_dist.files": 0, "dcgan_dist.pixels": 0,
+    "dcgan_dist.limits": -1,
     "dcgan_dist.grids": 1, "dcgan_dist.models": 1,
     "dcgan_dist.checkpoint": 2,
     "dcgan_dist.data": 3,

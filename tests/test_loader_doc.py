@@ -3,30 +3,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
+from doc_commands import every_command_in, shell_env
+
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "loader.md"
 # The benchmark's defaults take minutes; fewer images, batches and rounds measure the same things.
 SHRUNK = {"benchmarks/loader_throughput.py": "--images 1000 --batches 3 --rounds 1"}
 
 
-def commands(text: str) -> list[str]:
-    """The bash blocks' commands, continuation lines joined, comments after a command dropped."""
-    found = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line.strip())
-            if line:
-                found.append(line)
-    return found
-
-
 def test_every_command_of_the_loader_doc_runs_as_written(tmp_path):
-    found = commands(DOC.read_text())
+    found = every_command_in("docs/loader.md")  # as tests/doc_commands.py reads them: each counts as run here
     assert len(found) == 9, found  # a command added to the document is run here too
     for name in ("benchmarks", "tests"):  # the document's commands are typed at the repository's root
         (tmp_path / name).symlink_to(REPO / name)
@@ -35,7 +24,7 @@ def test_every_command_of_the_loader_doc_runs_as_written(tmp_path):
         for script, smaller in SHRUNK.items():
             command = command.replace(script, f"{script} {smaller}") if script in command else command
         r = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           env={**shell_env(), "PYTHONUNBUFFERED": "1"})
         assert r.returncode == 0, f"{command}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         if "timeit" in command:
             assert re.search(r"\d+ loops?, best of \d+: [\d.]+ [mun]?sec per loop", r.stdout), r.stdout

@@ -136,10 +136,11 @@ def test_cpu_floor_benchmark_as_the_readme_gives_it():
     model), our step's rate and the CPU's matrix-multiply speed, and the floor they give the default run."""
     import re
     import subprocess
-    import sys
+
+    from doc_commands import documented
 
     repo = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "benchmarks/cpu_floor.py"], cwd=repo, capture_output=True, text=True,
+    r = subprocess.run(documented("python benchmarks/cpu_floor.py"), cwd=repo, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("| fp32 |"))

@@ -1,8 +1,10 @@
-"""cluster/*.yaml pass the validation `ray up` runs (defaults filled in, then Ray's JSON schema and its checks)."""
+"""cluster/*.yaml pass the validation `ray up` runs (defaults filled in, then Ray's JSON schema and its checks), and
+their start and setup commands do on a node what the docs say."""
 
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 
@@ -96,3 +98,77 @@ def test_nodes_start_only_with_the_token_and_demand_it(name, node, tmp_path):
         assert all("--address=10.0.0.10:6379" in c for c in starts), starts
     if name == "local.yaml" and node == "worker":  # after `ray start`: `ray down` leaves nothing (follow_head)
         assert calls[-1] == "python -m dcgan_dist.distributed.follow_head 10.0.0.10:6379", calls
+
+
+def _run_setup(config: dict, node: str, home: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run a YAML's setup as Ray's updater does on a node (setup_commands, then the node's own, each in its own
+    shell, stopping at the first failure), with stand-ins on PATH for sudo, mount, mountpoint (nothing mounted
+    yet) and python3 (whose `-m venv DIR` makes a DIR/bin/pip): each records its arguments."""
+    bin_dir, calls = home / "bin", home / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    log = f'echo "$(basename "$0") $*" >> {calls}\n'
+    pip = f'#!/bin/sh\necho "pip $*" >> {calls}\n'
+    stand_ins = {
+        "sudo": f"#!/bin/sh\n{log}",
+        "mount": f"#!/bin/sh\n{log}",
+        "mountpoint": f"#!/bin/sh\n{log}exit 1\n",
+        "python3": f'#!/bin/sh\n{log}[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && '
+                   f"printf '%s' '{pip}' > \"$3/bin/pip\" && chmod +x \"$3/bin/pip\"\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"HOME": str(home), "USER": "ubuntu", "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    proc = None
+    for command in config["setup_commands"] + config[f"{node}_setup_commands"]:
+        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=30)
+        if proc.returncode != 0:
+            break
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+def _with_nfs(config: dict, value: str) -> dict:
+    """The config with DCGAN_NFS set as docs/cluster.md tells the user: its one assignment in setup_commands."""
+    config = copy.deepcopy(config)
+    [i] = [i for i, c in enumerate(config["setup_commands"]) if 'DCGAN_NFS="";' in c]
+    config["setup_commands"][i] = config["setup_commands"][i].replace('DCGAN_NFS="";', f"{value};")
+    return config
+
+
+@pytest.mark.parametrize("node", ["head", "worker"])
+def test_s3_only_setup_mounts_nothing_and_installs_the_project(node, tmp_path):
+    """The YAML as shipped is the S3 user's: no shared file system, so no sudo and no mount, and the setup goes on
+    to install the project (whose pyproject.toml pins Ray) into ~/venv."""
+    proc, calls = _run_setup(_validated("gpu.yaml"), node, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not [c for c in calls if c.startswith(("sudo", "mount "))], calls
+    assert f"pip install -q -e {tmp_path}/dcgan-dist" in calls, calls
+    # Ray comes from the project's pin, not from a second spec of its own
+    assert not [c for c in calls if c.startswith("pip") and "ray" in c], calls
+    assert ("pip install -q boto3>=1.28" in calls) == (node == "head"), calls
+
+
+def _documented_nfs() -> str:
+    """The DCGAN_NFS line docs/cluster.md gives EFS users."""
+    [line] = re.findall(r'^DCGAN_NFS="fs-[^"]+"$', (CLUSTER.parent / "docs" / "cluster.md").read_text(), re.M)
+    return line
+
+
+def test_efs_setup_mounts_the_file_system_the_docs_name(tmp_path):
+    line = _documented_nfs()
+    proc, calls = _run_setup(_with_nfs(_validated("gpu.yaml"), line), "worker", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    target = line.split("=", 1)[1].strip('"')
+    mounts = [c for c in calls if c.startswith("sudo mount ")]
+    assert mounts == [f"sudo mount -t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,"
+                      f"noresvport {target} /mnt/dcgan"], calls
+    assert "sudo chown ubuntu /mnt/dcgan" in calls and f"pip install -q -e {tmp_path}/dcgan-dist" in calls, calls
+
+
+@pytest.mark.parametrize("placeholder", ['DCGAN_NFS="fs-CHANGE-ME.efs.us-west-2.amazonaws.com:/"',
+                                         'DCGAN_NFS="fs-....efs.<region>.amazonaws.com:/"'])
+def test_a_placeholder_file_system_is_a_one_line_error_naming_the_key(placeholder, tmp_path):
+    proc, calls = _run_setup(_with_nfs(_validated("gpu.yaml"), placeholder), "head", tmp_path)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: DCGAN_NFS "), proc.stderr
+    assert not [c for c in calls if c.startswith(("sudo", "mount ", "pip"))], calls

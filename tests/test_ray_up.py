@@ -1,5 +1,6 @@
 """The cluster launcher for real, across hosts: `ray up -y cluster/local.yaml` with a head and two worker hosts,
-`ray dashboard`, `ray job submit` of a training with one rank on each host, `ray down -y`, nothing left anywhere.
+`ray dashboard`, `ray job submit` of a training with one rank on each host, a worker host's link cut and restored,
+`ray down -y`, nothing left anywhere.
 
 The hosts are tests/hosts.py's: Linux namespaces on a private bridge, each with its own address, its own /tmp and
 processes, and an sshd on port 22 letting in one user whose home is a folder of its own on each host; every host
@@ -34,6 +35,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint
+from doc_commands import documented, exported
 from hosts import Host, available, made_hosts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
@@ -65,9 +67,9 @@ def _your_machine(root: Path) -> dict:
     (root / "tmp").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(root), TMPDIR=str(root / "tmp"), RAY_USAGE_STATS_ENABLED="0")
-    token = _ray("get-auth-token", "--generate", env=env, timeout=60)
+    token = _ray(*documented("ray get-auth-token --generate")[1:], env=env, timeout=60)
     assert token.returncode == 0 and (root / ".ray" / "auth_token").is_file(), token.stderr
-    return {**env, "RAY_AUTH_MODE": "token"}
+    return {**env, **exported("export RAY_AUTH_MODE=token")}
 
 
 def _ray(*args: str, env: dict, timeout: float = 120, what: str = "") -> subprocess.CompletedProcess:
@@ -109,14 +111,19 @@ def _tunnel(config: Path, env: dict) -> subprocess.Popen:
             time.sleep(0.5)
 
 
+def _raylets(host: Host) -> set[int]:
+    """The pids of the raylets running on a host."""
+    return {int(pid) for pid in host.run("pgrep", "-x", "raylet").stdout.split()}
+
+
 def _left(hosts: list[Host]) -> dict[str, list[str]]:
     return {h.address: h.processes() for h in hosts if h.processes()}
 
 
 def test_ray_up_three_hosts_job_across_them_ray_down(hosts_share):
     """`ray up -y` -> three nodes alive at three addresses -> `ray job submit` of a 3-worker run, one rank on each
-    host, its process group formed across the links -> TensorBoard events and checkpoints -> `ray down -y` ->
-    nothing of Ray left on any host."""
+    host, its process group formed across the links -> TensorBoard events and checkpoints -> a worker host's link
+    cut until its node is declared dead, then restored -> `ray down -y` -> nothing of Ray left on any host."""
     target, every = 40 * 3 * BATCH, 10 * 3 * BATCH
     run_dir = hosts_share / "run"
     with made_hosts(3, ssh=True) as hosts, tempfile.TemporaryDirectory(prefix="dcgan-yours-") as yours:
@@ -159,7 +166,8 @@ def test_ray_up_three_hosts_job_across_them_ray_down(hosts_share):
                 f"log.sample_every_images={target}", f"log.checkpoint_every_images={target // 2}",
                 "log.grid_size=16", "trainer.num_workers=3", "trainer.cpus_per_worker=2", f"run_dir={run_dir}",
                 f"trainer.storage_path={hosts_share / 'ray'}",
-                env={**env, "RAY_ADDRESS": DASHBOARD}, timeout=300, what=_monitor_log(head))
+                env={**env, **exported("export RAY_ADDRESS=http://127.0.0.1:8265")}, timeout=300,
+                what=_monitor_log(head))
             # `ray job submit` follows the log; ask for the end as docs/cluster.md does (`ray job status`, `logs`).
             deadline = time.monotonic() + 120
             while True:
@@ -189,6 +197,37 @@ def test_ray_up_three_hosts_job_across_them_ray_down(hosts_share):
             assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run_dir)] == [target // 2, target]
             final = checkpoint.load(checkpoint.path_for(run_dir, target), resumable=True)
             assert final.images == target and final.resume.geometry["world_size"] == 3
+
+            # A partition that heals: a worker host's link cut until Ray declares its node dead, then restored. Its
+            # raylet learns that it was declared dead and exits. The head's autoscaler may then run the worker's
+            # start commands there again, in the same session (`ray stop`, `ray start`, the follower): a `ray down`
+            # between its `ray start` and its follower (it ends the autoscaler, and with it the rest of the
+            # commands) leaves a raylet no follower of its own watches. The test runs that `ray start`, as the YAML
+            # gives it and over SSH as the autoscaler does, then `ray down`: nothing is left there either.
+            lost = workers[-1]
+            assert any("dcgan_dist.distributed.follow_head" in line for line in lost.processes()), lost.processes()
+            first = _raylets(lost)
+            assert first, lost.processes()
+            t_cut = time.monotonic()
+            lost.cut()
+            deadline = time.monotonic() + 180
+            while lost.address in _alive(env):
+                assert time.monotonic() < deadline, f"the cut host's node was not declared dead: {_alive(env)}"
+                time.sleep(2)
+            t_dead = time.monotonic()
+            lost.restore()
+            deadline = time.monotonic() + 60
+            while _raylets(lost) & first:
+                assert time.monotonic() < deadline, f"the raylet declared dead still runs: {lost.processes()}"
+                time.sleep(0.5)
+            print(f"link cut: node declared dead after {t_dead - t_cut:.0f} s; link restored: its raylet exited "
+                  f"after {time.monotonic() - t_dead:.0f} s")
+            start = next(c for c in config["worker_start_ray_commands"] if "ray start" in c)
+            restart = subprocess.run([*lost.ssh(), f"bash --login -c -i 'export RAY_HEAD_IP={head.address}; {start}'"],
+                                     capture_output=True, text=True, timeout=120)
+            follower_log = lost.run("cat", "/tmp/ray/session_latest/logs/dcgan_follow_head.log").stdout
+            assert restart.returncode == 0 and _raylets(lost), (f"{restart.stdout[-2000:]}\n{restart.stderr[-2000:]}\n"
+                                                                 f"{lost.processes()}\n{follower_log}")
         finally:
             if tunnel is not None:
                 os.killpg(tunnel.pid, signal.SIGTERM)

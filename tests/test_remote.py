@@ -28,6 +28,7 @@ from dcgan_dist.shard import output as shard_output
 from dcgan_dist.shard import writer
 from dcgan_dist.shard.cli import main as shard_main
 from dcgan_dist.train.loop import train
+from doc_commands import documented
 
 N_SHARDS, PER_SHARD = 8, 32
 
@@ -290,9 +291,10 @@ def test_shard_tool_writes_to_s3_and_a_rerun_skips_uploaded_shards(s3_bucket, sm
 def test_index_and_verify_a_bucket_prefix_as_the_docs_write_them(s3_bucket, small_shards):
     """README: `python -m dcgan_dist.shard index s3://bucket/prefix/` for shards without a manifest, then
     `... verify` and docs/object_storage.md's start-up check, each as typed (the endpoint from the environment)."""
-    fs, _ = storage.filesystem("s3://shards/")
-    fs.put([str(p) for p in sorted(small_shards.glob("*.tar"))], "shards/bare/")  # other tools' shards: no manifest
-    bare = "s3://shards/bare/"
+    fs, _ = storage.filesystem("s3://my-bucket/")
+    fs.mkdir("my-bucket")  # the docs' bucket and prefix, so that their start-up check runs as written
+    fs.put([str(p) for p in sorted(small_shards.glob("*.tar"))], "my-bucket/lsun_bedroom/")  # no manifest
+    bare = "s3://my-bucket/lsun_bedroom/"
 
     def cli(*args):
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
@@ -301,6 +303,7 @@ def test_index_and_verify_a_bucket_prefix_as_the_docs_write_them(s3_bucket, smal
     assert r.returncode == 0 and f"{N_SHARDS * PER_SHARD} samples in {N_SHARDS} shards" in r.stdout, r.stderr
     assert resolve(bare).counts == [PER_SHARD] * N_SHARDS
     assert cli("-m", "dcgan_dist.shard", "verify", bare).returncode == 0
-    check = cli("-c", "from dcgan_dist.data.shardset import resolve; "
-                      f"s = resolve('{bare}'); print(len(s.urls), s.size)")
+    check = subprocess.run(documented(
+        "python -c \"from dcgan_dist.data.shardset import resolve; s = resolve('s3://my-bucket/lsun_bedroom/'); "
+        "print(len(s.urls), s.size)\""), capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.split() == [str(N_SHARDS), str(N_SHARDS * PER_SHARD)]

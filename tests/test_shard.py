@@ -3,6 +3,7 @@ the built-in sets; output read back with tar, WebDataset and the trainer's own r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import lmdb
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from dcgan_dist.data.images import decode_image
 from dcgan_dist.data.shardset import resolve
@@ -21,6 +23,7 @@ from dcgan_dist.shard.cli import main as shard_main
 from dcgan_dist.shard.options import Options
 
 import shard_data
+from doc_commands import documented
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +192,7 @@ def test_command_line_help_documents_every_option(capsys):
     help_text = capsys.readouterr().out
     for option in ("--resolution", "--keep-size", "--format", "--quality", "--shard-size", "--prefix", "--shuffle",
                    "--faces", "--min-face", "--face-margin", "--dedup", "--dedup-fit", "--dedup-radius",
-                   "--workers", "--quiet", "builtin:mnist5k"):
+                   "--max-image-pixels", "--max-file-bytes", "--workers", "--quiet", "builtin:mnist5k"):
         assert option in help_text
 
 
@@ -313,3 +316,25 @@ def test_outdir_is_locked_and_a_changed_source_is_detected(tmp_path, images):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "changed since a finished run" in r.stderr
     assert (out / "mine.tmp").read_text() == "a user's own file"
+
+
+def test_the_readme_builtin_command_writes_what_the_default_run_writes(mnist_shards, tmp_path):
+    """README's `shard builtin:mnist5k shards/mnist5k`, run first, writes the very bytes the default run's
+    data.builtin would (mnist_shards: the trainer's builtin_shards), so the default run trains on the same data
+    whichever wrote the folder (it wrote 64 px JPEG, 1,000 a shard, unshuffled, before)."""
+    r = subprocess.run(documented("python -m dcgan_dist.shard builtin:mnist5k shards/mnist5k", "--quiet"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.name for p in (tmp_path / "shards" / "mnist5k").iterdir() if not p.name.startswith("."))
+    assert written == sorted(p.name for p in mnist_shards.iterdir() if not p.name.startswith("."))
+    for name in written:
+        assert (tmp_path / "shards" / "mnist5k" / name).read_bytes() == (mnist_shards / name).read_bytes(), name
+    options = json.loads((mnist_shards / "manifest.json").read_text())["options"]
+    assert (options["keep_size"], options["format"], options["shard_size"], options["shuffle"]) == (
+        True, "png", 500, 0)
+    asked = subprocess.run([sys.executable, "-m", "dcgan_dist.shard", "builtin:mnist5k", str(tmp_path / "r32"),
+                            "--resolution", "40", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr
+    sample = next(iter(wds.WebDataset(str(tmp_path / "r32" / "mnist5k-000000.tar"), shardshuffle=False)))
+    with Image.open(io.BytesIO(sample["png"])) as image:  # a size asked for is made, in the built-in format
+        assert image.size == (40, 40)

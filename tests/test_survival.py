@@ -5,19 +5,24 @@ Every test drives `python -m dcgan_dist.train` (or torchrun) in a real subproces
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, files
 from dcgan_dist.distributed.processes import processes
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -214,3 +219,89 @@ def test_collapse_alarm_speaks_after_patience_and_only_once():
     assert [frozen.update(healthy) for _ in range(3)][-1].startswith("the losses have not changed")
     with pytest.raises(NonFinite, match="at 640 images: loss/G=nan"):
         check_metrics({"loss/D": 1.0, "loss/G": float("nan")}, 640)
+
+
+def _tree(run):
+    """Every file under the run directory with its size and modification time: what 'untouched' compares."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_is_refused_and_touches_nothing(mnist_shards, tmp_path):
+    """Two `python -m dcgan_dist.train` on one run_dir: the second is refused at once, naming the first's pid, and
+    leaves every file of the first as it was (before the lock, its checkpoints pruned the first's)."""
+    run = tmp_path / "run"
+    first = _start_and_wait_for_checkpoint(run, mnist_shards, "log.keep_checkpoints=1")
+    first.send_signal(signal.SIGSTOP)  # holds still (and holds run_dir) while the second one tries
+    try:
+        stat = Path(f"/proc/{first.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped: signals arrive asynchronously
+            time.sleep(0.01)
+        # What a writer of the first run would have in flight: not the second's to clean up.
+        in_flight = files.temporary_name(checkpoint.path_for(run, 640))
+        in_flight.write_bytes(b"half a checkpoint")
+        before = _tree(run)
+        second = _run(_cli(run, mnist_shards, 320, "log.keep_checkpoints=1", "train.seed=1"), timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"run_dir {run} is being written by pid {first.pid}" in second.stderr, second.stderr[-3000:]
+        assert _tree(run) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-3000:]
+    assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)] == [IMAGES]
+
+
+def test_a_killed_writers_temporary_checkpoints_are_removed_by_the_next_start(mnist_shards, tmp_path):
+    """What a SIGKILL or a second signal's os._exit leaves mid-write (a tagged temporary in checkpoints/) is gone
+    after the next start; a user's own files, and tagged files outside checkpoints/, are left alone."""
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom dcgan_dist import files\n"
+                             "with files.atomic_open(sys.argv[1]) as f:\n    f.write(b'half a checkpoint')\n"
+                             "    os.kill(os.getpid(), 9)\n", str(checkpoint.path_for(run, 320))], timeout=120)
+    leftover = [p for p in checkpoint.directory(run).iterdir() if files.TMP_TAG in p.name]
+    assert killed.returncode == -9 and len(leftover) == 1, leftover
+    mine = [checkpoint.directory(run) / "notes.txt", run / "samples" / f".x{files.TMP_TAG}1-0"]
+    for p in mine:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("a user's own file")
+    r = _run(_cli(run, mnist_shards, 320))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not leftover[0].exists() and "removed 1 unfinished checkpoint file" in r.stdout
+    assert all(p.read_text() == "a user's own file" for p in mine)
+
+
+def test_sighup_from_a_closed_terminal_checkpoints_at_the_count_reached_and_resumes(mnist_shards, tmp_path,
+                                                                                      straight):
+    """The run's terminal hangs up (an SSH session closed): a checkpoint at the count reached, exit 128 + SIGHUP,
+    although every later write to the terminal fails; the same command resumes, and under nohup a SIGHUP is
+    ignored."""
+    run = tmp_path / "run"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(_cli(run, mnist_shards), env=ENV, stdin=terminal, stdout=terminal, stderr=terminal,
+                            start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # its controlling terminal
+    os.close(terminal)
+    said = b""
+    deadline = time.time() + 240
+    while not checkpoint.list_checkpoints(run):
+        assert time.time() < deadline and proc.poll() is None, said.decode(errors="replace")[-3000:]
+        if select.select([controller], [], [], 0.05)[0]:
+            said += os.read(controller, 1 << 16)  # a terminal nobody reads blocks its writers
+    time.sleep(0.3)  # into the next checkpoint interval
+    os.close(controller)  # the hangup: the kernel sends SIGHUP to the session
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    stopped_at = checkpoint.images_of(checkpoint.latest(run))
+    assert 320 < stopped_at < IMAGES, "the stop checkpoint is not at the count the run had reached"
+
+    resumed = subprocess.Popen(_cli(run, mnist_shards), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # nohup
+    said = ""
+    while not said.endswith("\n") or "perf:" not in said:  # the run has started: its handlers are set
+        line = resumed.stdout.readline()
+        assert line, said[-3000:]
+        said += line
+    resumed.send_signal(signal.SIGHUP)
+    said += resumed.stdout.read()  # to the end (communicate() would miss what readline buffered)
+    assert resumed.wait(timeout=240) == 0, said[-3000:]
+    assert f"resumed from {checkpoint.path_for(run, stopped_at)}" in said, said[-3000:]
+    _same_weights(straight, checkpoint.load(checkpoint.latest(run)))

@@ -2,7 +2,9 @@
 trainer share them, so a shard decodes the same in both), encode (the shard tool).
 
 Arrays are uint8 (H, W, C) with C = 1 (greyscale stays greyscale) or 3. Decoding is strict: a truncated or corrupt
-file raises BadImage with a readable reason instead of yielding grey padding.
+file raises BadImage with a readable reason instead of yielding grey padding. Images are someone else's files: one
+whose header declares more than max_pixels pixels is refused before anything is decoded (a few KiB can declare
+30,000 x 30,000 pixels, 2.7 GB decoded).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import struct
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+from ..limits import MAX_IMAGE_PIXELS
+from .tarread import SKIPPED
 
 FORMATS = ("jpg", "png", "webp", "raw")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # image files of a source, and image fields of a sample
@@ -37,6 +42,13 @@ def reason(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
         return "not an image: unrecognised format"
     return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+
+
+def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+    """Refuse, from its header, an image larger than max_pixels: a bomb must not be decoded to find out."""
+    if height * width > max_pixels:
+        raise BadImage(f"{width:,} x {height:,} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                       f"(data.max_image_pixels, the shard tool's --max-image-pixels): not decoded")
 
 
 def _as_hwc(arr: np.ndarray) -> np.ndarray:
@@ -64,9 +76,11 @@ def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
-def _decode_jpeg(data: bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode_jpeg(data: bytes, min_side: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """libjpeg-turbo, scaled in the DCT domain to no less than min_side: several times faster than PIL."""
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    # Even scaled 1/8, libjpeg holds a progressive JPEG's coefficients at full size: check before any decoding.
+    _check_pixels(height, width, max_pixels)
     grey = colorspace == "Gray"
     arr = simplejpeg.decode_jpeg(data, "GRAY" if grey else "RGB", min_height=min_side, min_width=min_side)
     orientation = _jpeg_orientation(data)
@@ -98,8 +112,9 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L" if grey else "RGB"))
 
 
-def _decode_pil(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-    with Image.open(io.BytesIO(data)) as img:
+def _decode_pil(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    with Image.open(io.BytesIO(data)) as img:  # lazy: only the header is read until load()
+        _check_pixels(img.height, img.width, max_pixels)  # PIL's own check only warns below 179 M pixels
         img.load()
         orientation = int(img.getexif().get(0x0112, 1) or 1)
         arr = upright(_as_hwc(_to_uint8(img)), orientation)
@@ -130,20 +145,24 @@ def raw_prefix(resolution: int, channels: int) -> bytes:
     return RAW_MAGIC + _RAW_HEADER.pack(resolution, resolution, channels)
 
 
-def decode(data: bytes, min_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes -> (uint8 HWC array, original (height, width)); JPEGs may come out scaled down to >= min_side."""
+def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes -> (uint8 HWC array, original (height, width)); JPEGs may come out scaled down to >= min_side.
+    An image of more than max_pixels pixels raises BadImage undecoded."""
     if not data:
         raise BadImage("zero-byte file")
     if data.startswith(RAW_MAGIC):
-        arr = decode_raw(data)
+        arr = decode_raw(data)  # a view of the bytes: its size is the sample's, bounded where it was read
+        _check_pixels(*arr.shape[:2], max_pixels)
         return arr, arr.shape[:2]
     if data.startswith(_JPEG_MAGIC):
         try:
-            return _decode_jpeg(data, min_side)
+            return _decode_jpeg(data, min_side, max_pixels)
+        except BadImage:
+            raise
         except ValueError:
             pass  # CMYK and other rarities libjpeg-turbo refuses; PIL decides, and names the fault if it also fails
     try:
-        return _decode_pil(data)
+        return _decode_pil(data, max_pixels)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad files
         raise BadImage(reason(err)) from None
 
@@ -198,9 +217,10 @@ def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
-    """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed."""
-    arr, _ = decode(data, min_side=resolution)
+def decode_image(data: bytes, resolution: int, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 (H, W, C) at resolution x resolution: centre-cropped and antialiased if needed; an
+    image of more than max_pixels pixels raises BadImage undecoded."""
+    arr, _ = decode(data, resolution, max_pixels)
     if arr.shape[2] != channels:
         img = _pil(arr).convert("L" if channels == 1 else "RGB")
         arr = np.asarray(img).reshape(*arr.shape[:2], channels)
@@ -210,7 +230,10 @@ def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
 
 
 def image_field(sample: dict) -> bytes:
-    """The encoded image of a WebDataset sample (its first field named like an image)."""
+    """The encoded image of a WebDataset sample (its first field named like an image); BadImage for a sample the
+    tar reader passed over unread (tarread.SKIPPED says why)."""
+    if SKIPPED in sample:
+        raise BadImage(sample[SKIPPED])
     for ext in SAMPLE_FIELDS:
         if ext in sample:
             return sample[ext]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,18 @@ def _entry_problem(entry) -> str | None:
         return "'name' must be a non-empty string"
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         return "'count' must be a whole number of samples, 0 or more"
-    if (name.startswith(("/", "\\")) or "\\" in name or ":" in name or posixpath.normpath(name) != name
-            or name.split("/")[0] == ".."):
-        return ("'name' must be a relative path inside the manifest's folder: no leading '/', no '..' or '.', "
-                "no '\\', no ':' (URLs and pipe: commands are refused)")
+    if any(form.startswith(("/", "\\")) or "\\" in form or ":" in form or posixpath.normpath(form) != form
+           or form.split("/")[0] == ".." for form in _decodings(name)):
+        return ("'name' must be a relative path inside the manifest's folder, as written and percent-decoded: no "
+                "leading '/', no '..' or '.', no empty segment, no '\\', no ':' (URLs and pipe: commands are "
+                "refused)")
     return None
+
+
+def _decodings(name: str) -> list[str]:
+    """name and each percent-decoding of it until one changes nothing: a web server or a store decodes %2e%2e
+    into '..' once, perhaps more often."""
+    forms = [name]
+    while len(forms) < 8 and (decoded := urllib.parse.unquote(forms[-1])) != forms[-1]:
+        forms.append(decoded)
+    return forms

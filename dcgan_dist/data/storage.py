@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import IO, Iterator
 import aiohttp
 import fsspec
 
+from ..limits import MAX_SAMPLE_BYTES
 from . import tarread
 
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read may stall before the attempt counts as failed
@@ -56,7 +58,8 @@ class PipeStream:
 
     def __init__(self, url: str):
         self.command = url[len("pipe:"):]
-        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_stoppable)
 
     def read(self, n: int = -1) -> bytes:
         return self.proc.stdout.read(n)
@@ -77,6 +80,13 @@ class PipeStream:
             return
         if status > 0 and exc_type is not GeneratorExit:  # the command's failure explains a short stream too
             raise OSError(f"pipe command {self.command!r} exited with status {status}") from exc
+
+
+def _stoppable() -> None:
+    """In a pipe command's process, before it runs: SIGTERM and SIGINT end it. The loader workers that start it
+    ignore them (train/stop.py), and an ignored signal stays ignored across exec, where a shell cannot undo it."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
@@ -124,9 +134,10 @@ def _retryable(url: str, err: Exception) -> bool:
     return is_remote(url) and not isinstance(err, (FileNotFoundError, PermissionError))
 
 
-def tar_samples(url: str, retries: int = 3, backoff: float = 1.0,
-                timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict]:
+def tar_samples(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = DEFAULT_TIMEOUT,
+                max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
     """The samples of one tar shard in order; a failed remote read is retried, resuming after the last sample given.
+    A sample larger than max_bytes comes unread, saying why (tarread.samples).
 
     A retry reopens the shard and passes over the samples already yielded, so the caller sees exactly the samples
     of an unbroken read. After `retries` retries (waits of backoff, 2 x backoff, ...) the last error is raised.
@@ -135,7 +146,7 @@ def tar_samples(url: str, retries: int = 3, backoff: float = 1.0,
     for attempt in range(retries + 1):
         try:
             with open_read(url, timeout) as stream:
-                samples = tarread.samples(stream, url)
+                samples = tarread.samples(stream, url, max_bytes)
                 for _ in itertools.islice(samples, done):
                     pass  # yielded before the failure
                 for sample in samples:

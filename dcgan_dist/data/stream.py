@@ -61,7 +61,8 @@ class ShardStream(IterableDataset):
         self.resample = cfg.data.resample
         self.seed = cfg.train.seed
         self.read_options = {"retries": cfg.data.read_retries, "backoff": cfg.data.retry_backoff,
-                             "timeout": cfg.data.io_timeout}
+                             "timeout": cfg.data.io_timeout, "max_bytes": cfg.data.max_sample_bytes}
+        self.max_pixels = cfg.data.max_image_pixels
         self.streams = max(1, cfg.data.num_workers)
         self.steps_per_pass = steps_per_pass(shards, cfg, world_size)
         self.start_step = start_step
@@ -180,7 +181,7 @@ class ShardStream(IterableDataset):
                     if len(data) == raw_size and data.startswith(prefix):
                         flat[filled * size:(filled + 1) * size] = memoryview(data)[start:]
                     else:
-                        batch[filled] = decode_image(data, self.resolution, self.channels)
+                        batch[filled] = decode_image(data, self.resolution, self.channels, self.max_pixels)
                 except Exception as err:
                     self._skip(sample, err, tally)
                     skipped += 1

@@ -4,6 +4,10 @@ The trainer's loader workers spend most of their time here, so this parses the 5
 regular files, GNU long names ('L') and pax path records ('x'); other member types are passed over. Header
 checksums are verified, so a damaged shard is an error rather than garbage. Samples group consecutive members
 by key, as WebDataset does: the key is the path up to the first dot of the file name, the field the rest.
+
+A shard is someone else's file: a size no tar can hold (negative, or past the end of the file) is an error naming
+the member, and a sample larger than max_bytes is passed over unread and given with only SKIPPED, saying why, so
+the loader counts it as it counts a sample that fails to decode.
 """
 
 from __future__ import annotations
@@ -11,9 +15,14 @@ from __future__ import annotations
 import zlib
 from typing import BinaryIO, Iterator
 
+from ..limits import MAX_SAMPLE_BYTES
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
+_KEPT = (*_REGULAR, b"L", b"x")  # members whose bytes are read; others (folders, links, ...) are passed over
+_CHUNK = 1 << 20  # bytes read at a time while passing over a member
+SKIPPED = "__skipped__"  # the field of a sample passed over unread: why
 
 
 class TarError(ValueError):
@@ -48,10 +57,34 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a tar stream, in order; with skip_data, (name, b"") from a seekable
-    file, seeking over the contents (what counting needs)."""
+def _name(header: bytes, long_name: str | None) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar's name prefix
+        name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+    return long_name or name
+
+
+def _pass_over(stream: BinaryIO, size: int, name: str) -> None:
+    """Read and drop a member's bytes a chunk at a time: memory stays bounded whatever size its header declares,
+    and time is bounded by the bytes really there."""
+    left = size + -size % BLOCK
+    while left:
+        got = len(stream.read(min(left, _CHUNK)))
+        if not got:
+            raise TarError(f"tar member {name!r} declares {size:,} bytes, but the shard ends before them")
+        left -= got
+
+
+def members(stream: BinaryIO, skip_data: bool = False, max_size: int = MAX_SAMPLE_BYTES,
+            ) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of every regular file in a tar stream, in order; (name, None) for one larger than max_size,
+    passed over unread. With skip_data, (name, b"") from a seekable file, seeking over the contents (what
+    counting needs)."""
     long_name = None
+    if skip_data:  # where the file ends: no member may claim bytes beyond it
+        start = stream.tell()
+        end = stream.seek(0, 2)
+        stream.seek(start)
     while True:
         header = stream.read(BLOCK)
         if header == _ZERO_BLOCK:
@@ -62,30 +95,35 @@ def members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, by
             raise TarError("tar header checksum mismatch (damaged shard)")
         size = _octal(header[124:136])
         kind = header[156:157]
+        if size < 0:  # GNU base-256 can say so: seeking back by it would read this header again, for ever
+            raise TarError(f"tar member {_name(header, long_name)!r} declares a negative size ({size:,} bytes)")
         if skip_data and kind in _REGULAR:
             data = b""
+            if stream.tell() + size > end:
+                raise TarError(f"tar member {_name(header, long_name)!r} declares {size:,} bytes, more than the "
+                               f"{end - stream.tell():,} left in the file")
             stream.seek(size + -size % BLOCK, 1)
+        elif size > max_size or kind not in _KEPT:
+            data = None
+            _pass_over(stream, size, _name(header, long_name))
         else:
             # The contents, then the padding apart: cutting the padding off one read would copy the contents
             # again, which for a raw sample costs more than the second read call.
             data = stream.read(size)
             if len(data) < size:
-                raise TarError(f"truncated tar member: {len(data)} of {size} bytes")
+                raise TarError(f"truncated tar member {_name(header, long_name)!r}: {len(data)} of {size} bytes")
             pad = -size % BLOCK
             if pad and len(stream.read(pad)) < pad:
-                raise TarError("truncated tar member padding")
-        if kind == b"L":
+                raise TarError(f"truncated tar member {_name(header, long_name)!r}: its padding")
+        if kind in _REGULAR:
+            yield _name(header, long_name), data
+            long_name = None
+        elif data is None:
+            long_name = None
+        elif kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-        elif kind == b"x":
+        else:  # b"x"
             long_name = _pax_path(data) or long_name
-        elif kind in _REGULAR:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar's name prefix
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            yield (long_name or name), data
-            long_name = None
-        else:
-            long_name = None
 
 
 def _key_and_field(name: str) -> tuple[str, str] | None:
@@ -95,20 +133,25 @@ def _key_and_field(name: str) -> tuple[str, str] | None:
 
 
 def count_samples(path: str) -> int:
-    """Samples in a local tar shard, from its headers alone (no member is read)."""
+    """Samples in a local tar shard, from its headers alone (no member is read); TarError names the file."""
     count, last = 0, None
     with open(path, "rb") as f:
-        for name, _ in members(f, skip_data=True):
-            split = _key_and_field(name)
-            if split is not None and split[0] != last:
-                count, last = count + 1, split[0]
+        try:
+            for name, _ in members(f, skip_data=True):
+                split = _key_and_field(name)
+                if split is not None and split[0] != last:
+                    count, last = count + 1, split[0]
+        except ValueError as err:  # TarError, or a mangled number field
+            raise TarError(f"{path}: {err}") from None
     return count
 
 
-def samples(stream: BinaryIO, url: str) -> Iterator[dict]:
-    """Samples {'__key__', '__url__', field: bytes} grouped from consecutive members with the same key."""
+def samples(stream: BinaryIO, url: str, max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """Samples {'__key__', '__url__', field: bytes} grouped from consecutive members with the same key; a sample
+    whose members hold more than max_bytes comes as {'__key__', '__url__', SKIPPED: why}, its bytes dropped."""
     current: dict | None = None
-    for name, data in members(stream):
+    held = 0  # bytes of the current sample's members
+    for name, data in members(stream, max_size=max_bytes):
         split = _key_and_field(name)
         if split is None:
             continue  # a member without a field extension belongs to no sample
@@ -116,7 +159,12 @@ def samples(stream: BinaryIO, url: str) -> Iterator[dict]:
         if current is None or current["__key__"] != key:
             if current is not None:
                 yield current
-            current = {"__key__": key, "__url__": url}
-        current[field] = data
+            current, held = {"__key__": key, "__url__": url}, 0
+        if data is not None and (held := held + len(data)) <= max_bytes:
+            current[field] = data
+        elif SKIPPED not in current:  # its bytes dropped; what follows of it is passed over too
+            held = max_bytes + 1
+            current = {"__key__": key, "__url__": url, SKIPPED: f"sample larger than the limit of {max_bytes:,} "
+                       f"bytes (data.max_sample_bytes) at member {name!r}: not read"}
     if current is not None:
         yield current

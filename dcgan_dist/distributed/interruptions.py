@@ -4,22 +4,25 @@
   often (under Ray it is a barrier), and gets the notice, the same on every rank, or None. On a notice the loop
   writes a just-in-time checkpoint and raises Preempted, which the launcher catches to wait for the cluster to
   restart the group.
-- Stops: SIGTERM or SIGINT (to this process, or to a launcher's driver, which passes it on through a StopProbe)
-  make the loop write a checkpoint at the count reached and raise Stopped.
+- Stops: SIGTERM, SIGINT or SIGHUP (to this process, or to a launcher's driver, which passes it on through a
+  StopProbe) make the loop write a checkpoint at the count reached and raise Stopped. SIGHUP is a closed terminal
+  (an SSH session that dropped): the run keeps its work, as on a SIGTERM. Under nohup it stays ignored.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
+import termios
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .processes import kill_children
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """SIGTERM and SIGINT for the duration of a run (main thread only: Python delivers signals there): the first
-    sets `signum`, says `what` happens now and calls on_first(signum) if given; a second exits at once."""
+    """SIGNALS for the duration of a run (main thread only: Python delivers signals there): the first sets
+    `signum`, says `what` happens now and calls on_first(signum) if given; a second exits at once."""
 
     def __init__(self, what: str = "writing a checkpoint at the next step boundary, then stopping",
                  on_first: Callable[[int], None] | None = None):
@@ -68,6 +71,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
+                if s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # started under nohup: the user asked for the run to outlive the terminal
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -83,6 +88,8 @@ class StopRequest:
                   f"then stopping", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            _leave_hung_up_terminal()
         if self.signum:
             print(f"dcgan_dist: second {signal.Signals(signum).name}: exiting at once", file=sys.stderr, flush=True)
             kill_children()
@@ -92,3 +99,17 @@ class StopRequest:
             self.on_first(signum)
         print(f"dcgan_dist: {signal.Signals(signum).name}: {self.what} (send it again to exit at once)",
               file=sys.stderr, flush=True)
+
+
+def _leave_hung_up_terminal() -> None:
+    """After a hangup every write to the terminal fails (EIO), and the first print would end the run before its
+    checkpoint: stdout and stderr on a terminal that hung up go to /dev/null (nobody could read them). A terminal
+    still there (a SIGHUP sent by hand) is kept: only a hung-up one fails tcgetattr with EIO."""
+    for fd in (1, 2):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as err:
+            if err.args[0] == errno.EIO:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)

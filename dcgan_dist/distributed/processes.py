@@ -1,5 +1,5 @@
-"""This machine's processes as /proc shows them (Linux), for what must find or stop processes by their parent or
-their command line: the follower of a worker node's Ray (follow_head) and the exit at a second signal
+"""This machine's processes as /proc shows them (Linux), for what must find or stop processes by their parent, owner,
+executable or command line: the follower of a worker node's Ray (follow_head) and the exit at a second signal
 (interruptions)."""
 
 from __future__ import annotations
@@ -17,28 +17,37 @@ class Process:
     ppid: int
     start: int          # clock ticks after boot: with the pid, it names one process (pids are reused)
     comm: str
-    cmdline: str
+    argv: tuple[str, ...]
+    uids: tuple[int, ...]  # real, effective, saved and file-system uid
+    exe: str            # the executable's path; "" where it may not be read (another user's process)
 
 
-def processes() -> dict[int, Process]:
+def processes(proc: Path = Path("/proc")) -> dict[int, Process]:
     """This machine's live processes (zombies are gone: they only wait to be reaped), from /proc."""
     found: dict[int, Process] = {}
-    if not os.path.isdir("/proc"):  # not Linux: nothing to find
+    if not proc.is_dir():  # not Linux: nothing to find
         return found
-    for entry in os.scandir("/proc"):
+    for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = Path(entry.path, "cmdline").read_bytes().rstrip(b"\0")
+            status = Path(entry.path, "status").read_text()
         except OSError:  # exited meanwhile
             continue
+        try:
+            exe = os.readlink(Path(entry.path, "exe")).removesuffix(" (deleted)")  # replaced since it started
+        except OSError:  # not ours to read, a kernel thread, or exited meanwhile
+            exe = ""
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] in ("Z", "X"):
+        uids = next((line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")), [])
+        if fields[0] in ("Z", "X") or not uids:
             continue
         pid = int(entry.name)
-        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, cmdline)
+        argv = tuple(cmdline.decode(errors="replace").split("\0")) if cmdline else ()
+        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, argv, tuple(int(u) for u in uids), exe)
     return found
 
 
@@ -48,13 +57,18 @@ def living(members: dict[int, int], procs: dict[int, Process] | None = None) -> 
     return {pid: start for pid, start in members.items() if pid in procs and procs[pid].start == start}
 
 
-def send(pids, sig: int) -> None:
-    """Signal each of pids; one that has exited meanwhile is passed over."""
+def send(pids, sig: int) -> dict[int, str]:
+    """Signal each of pids; one that has exited meanwhile is passed over, one that may not be signalled is named in
+    what is returned (pid -> why) and the others are signalled all the same."""
+    refused: dict[int, str] = {}
     for pid in pids:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+        except PermissionError as err:
+            refused[pid] = err.strerror
+    return refused
 
 
 def kill_children(wait: float = 2.0) -> None:

@@ -24,8 +24,10 @@ Clusters that change under a run:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -72,7 +74,8 @@ PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def check_ray() -> None:
-    """Ray 2.60 or newer with Train V2 (its default; RAY_TRAIN_V2_ENABLED=0 turns it off), or RayUnsupported."""
+    """Ray 2.60 or newer with Train V2 (its default; RAY_TRAIN_V2_ENABLED=0 turns it off), or RayUnsupported; a
+    warning when it is not the Ray that pyproject.toml pins."""
     from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
 
     version = tuple(int(p) for p in ray.__version__.split(".")[:2])
@@ -82,6 +85,24 @@ def check_ray() -> None:
     if not is_v2_enabled():
         raise RayUnsupported(f"{V2_ENABLED_ENV_VAR}={os.environ.get(V2_ENABLED_ENV_VAR)} turns Ray Train V2 off; "
                              f"this launcher uses V2's elastic groups and preemption notices: unset it")
+    _say_if_not_pinned()
+
+
+@functools.cache  # said once per process
+def _say_if_not_pinned() -> None:
+    """One line on stderr when the Ray running this differs from the one the code's pyproject.toml pins.
+
+    Under `ray job submit --working-dir .` this process runs on the head with the cluster's Ray while the code is
+    the user's checkout, whose pin is the Ray that `pip install -e .` gave the user's `ray` command and that
+    `ray up` installs on the nodes: a difference means the client and the cluster disagree (Ray's job client knows
+    both versions but says nothing)."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    text = pyproject.read_text() if pyproject.is_file() else ""
+    pin = re.search(r'^\s*"ray\[[^\]]*\]==([^"]+)"', text, re.M) if 'name = "dcgan-dist"' in text else None
+    if pin and pin.group(1) != ray.__version__:
+        print(f"dcgan_dist.ray_launch: warning: Ray {ray.__version__} runs this, but {pyproject} pins Ray "
+              f"{pin.group(1)} (the `ray` that `pip install -e .` gives your machine): `ray up` again installs the "
+              f"pin on the cluster; or install Ray {ray.__version__} on your machine", file=sys.stderr, flush=True)
 
 
 def _report(path: Path | None, metrics: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import grids, models
+from .. import files, grids, models
 from ..checkpoint import Networks
+from ..data import storage
 from ..data.load import load_images, load_labelled
 from ..distributed import context as dist
 from ..models import generate, generate_images
@@ -25,7 +27,9 @@ from . import classifier, features, fid, latent, precision_recall, reference, sh
 
 
 class Report:
-    """A command's outputs: PNGs and COMMAND.json in out_dir; optionally TensorBoard in the run directory."""
+    """A command's outputs: PNGs and COMMAND.json in out_dir, each written whole (files.atomic_open), so that a
+    link someone planted at an output's name is replaced, never written through; optionally TensorBoard in the
+    run directory."""
 
     def __init__(self, command: str, networks: Networks, out_dir: Path, tensorboard: bool, main: bool = True):
         self.command, self.networks, self.out_dir, self.main = command, networks, out_dir, main
@@ -41,7 +45,8 @@ class Report:
 
     def picture(self, name: str, image: Image.Image) -> None:
         path = self.out_dir / f"{self.command}-{name}.png"
-        image.save(path)
+        with files.atomic_open(path) as f:
+            image.save(f, format="PNG")
         self.files.append(str(path))
         if self.writer is not None:
             self.writer.add_image(f"eval/{self.command}/{name}", np.asarray(image.convert("RGB")),
@@ -60,7 +65,7 @@ class Report:
         if not self.main:
             return record
         path = self.out_dir / f"{self.command}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        files.write_text(path, json.dumps(record, indent=2) + "\n")
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"eval/{self.command}/{name}", value, self.networks.images)
@@ -68,6 +73,22 @@ class Report:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         print(f"{self.command}: {shown}\n  wrote {path}" + "".join(f"\n  wrote {f}" for f in self.files))
         return record
+
+
+def real_shards(args, s: Networks) -> str:
+    """The real images a command compares with: --shards, else the checkpoint's own data.shards when that is a
+    plain local path. A checkpoint may come from someone else (SECURITY.md): a `pipe:` command or a URL in it is
+    neither run nor fetched, and the run says which local path it took from it."""
+    if args.shards:
+        return args.shards
+    spec = s.cfg.data.shards
+    if any(storage.is_remote(part.strip()) for part in spec.split("::")):
+        raise ValueError(f"{s.path}: the checkpoint's data.shards is {spec!r}, a URL or a command; a checkpoint "
+                         f"is a file made elsewhere, so what it names is neither fetched nor run: give the real "
+                         f"images with --shards")
+    if dist.rank_and_world()[0] == 0:
+        print(f"real images: {spec}, the checkpoint's data.shards (--shards to choose others)", file=sys.stderr)
+    return spec
 
 
 # -- the commands: each takes (args, networks, report) and returns report.finish(...) ---------------------------
@@ -116,7 +137,7 @@ def cmd_arithmetic(args, s: Networks, rep: Report) -> dict:
 def cmd_features(args, s: Networks, rep: Report) -> dict:
     """Linear-SVM accuracy of trained-D features against random-D features and raw pixels, on held-out data."""
     res, ch = s.cfg.model.resolution, s.cfg.model.channels
-    shards = args.shards or s.cfg.data.shards
+    shards = real_shards(args, s)
     x, y = load_labelled(shards, res, ch, limit=args.limit)
     if args.test_shards:
         train, test = (x, y), load_labelled(args.test_shards, res, ch, limit=args.test_limit)
@@ -158,7 +179,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096
 def cmd_nearest(args, s: Networks, rep: Report) -> dict:
     """Nearest training images of generated samples in pixel and D-feature space, against held-out real ones."""
     cfg = s.cfg
-    real = load_images(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
+    real = load_images(real_shards(args, s), cfg.model.resolution, cfg.model.channels, args.limit)
     if len(real) <= args.n:
         raise ValueError(f"--n {args.n}: the shard set has only {len(real)} images; the first --n are held out "
                          f"as the real baseline, so it needs more")
@@ -193,7 +214,7 @@ def cmd_nearest(args, s: Networks, rep: Report) -> dict:
 def cmd_coverage(args, s: Networks, rep: Report) -> dict:
     """A classifier of the real labels classifies N samples: per-class shares, their entropy, confidence."""
     cfg = s.cfg
-    x, y = load_labelled(args.shards or cfg.data.shards, cfg.model.resolution, cfg.model.channels, args.limit)
+    x, y = load_labelled(real_shards(args, s), cfg.model.resolution, cfg.model.channels, args.limit)
     judge, judge_info = classifier.fit_with_holdout(x, y, epochs=args.epochs, seed=args.seed, device=s.device)
     samples = generate(s.G, cfg.model, args.n, seed=args.seed, batch_size=args.batch_size)
     probs = classifier.predict_proba(judge, samples)
@@ -214,7 +235,7 @@ def _inception_features(args, s: Networks) -> tuple[torch.Tensor, torch.Tensor, 
     under torchrun embedding its share (shared by fid, kid and pr); the protocol, printed on rank 0."""
     cfg = s.cfg
     net = fid.load_inception(args.inception_weights, args.dims, s.device)  # first: a missing file fails fast
-    shards = args.shards or cfg.data.shards
+    shards = real_shards(args, s)
     rank, world = dist.rank_and_world()
     real = reference.real_protocol(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
     inception = reference.inception_protocol(args.inception_weights, args.dims)

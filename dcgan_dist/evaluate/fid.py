@@ -8,11 +8,13 @@ set's statistics can be kept between evaluations during training.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointError, load_weights
 from ..pixels import to_uint8
 
 WEIGHTS_URLS = (
@@ -41,9 +43,12 @@ def load_inception(path: str | Path | None, dims: int = 2048, device: str | torc
     if dims not in DIMS:
         raise ValueError(f"Inception feature dims {dims} is not one of {DIMS}")
     check_weights(path)
-    # torch-fidelity unpickles the file with weights_only=False: first make sure it is a plain state dict.
+    # The file is read once, here, with weights_only: torch-fidelity's own loader unpickles whatever it is given
+    # with weights_only=False, so it gets a copy of the checked state dict that this process wrote itself.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise RuntimeError(f"cannot read Inception weights {path}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or _PROBE_KEY not in state:
@@ -52,7 +57,10 @@ def load_inception(path: str | Path | None, dims: int = 2048, device: str | torc
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     # antialias=False: torch-fidelity's TensorFlow-1 bilinear resize, so scores compare with published ones.
-    net = NoTrainInceptionV3("inception-v3-compat", [str(dims)], str(path), antialias=False)
+    checked = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, checked)
+    checked.seek(0)
+    net = NoTrainInceptionV3("inception-v3-compat", [str(dims)], checked, antialias=False)
     return net.to(device)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import files
+from ..checkpoint import load_weights
 from ..data import load, shardset, storage
 from ..data.manifest import file_sha256, read_manifest
 from ..distributed import context as dist
@@ -89,7 +90,7 @@ def real_features(net: torch.nn.Module, real: dict, inception: dict, cache: Path
     path = cache / f"real-{key(real, inception)}.pt" if cache is not None else None
     hit = dist.broadcast_object(path is not None and path.is_file())  # rank 0's disk decides for every rank
     if hit:
-        saved = dist.broadcast_object(torch.load(path, weights_only=True) if rank == 0 else None)
+        saved = dist.broadcast_object(load_weights(path) if rank == 0 else None)
         real["images"] = saved["images"]
         return saved["features"].double(), True
     # One process reads up to the limit and counts what it got; ranks need the total first, for their shares.

@@ -20,7 +20,7 @@ from dataclasses import fields
 from ..data.images import FORMATS
 from . import index, sources
 from .options import DEDUP_MODES, Options
-from .run import ShardError, run
+from .run import BUILTIN_OPTIONS, ShardError, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,15 +33,20 @@ def _parser() -> argparse.ArgumentParser:
                    "builtin:lfw-faces")
     p.add_argument("outdir", help="where shards, manifest.json and progress records go: a local directory or a "
                    "bucket prefix such as s3://bucket/prefix (credentials from the environment or ~/.aws)")
-    p.add_argument("--resolution", type=int, default=d.resolution, help="output side: centre crop, then "
-                   "antialiased (Lanczos) resize")
-    p.add_argument("--keep-size", action="store_true", help="keep each image whole at its own size instead")
-    p.add_argument("--format", default=d.format, choices=FORMATS, help="image encoding in the shards: raw stores "
-                   "uint8 pixels (nothing to decode: the fastest for the loader; lossless: right for FID)")
+    # resolution, keep-size, format, shard-size and shuffle are absent unless given (SUPPRESS): _options fills in
+    # what the command line leaves out, for a builtin: source from BUILTIN_OPTIONS.
+    builtin = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in BUILTIN_OPTIONS.items())
+    p.add_argument("--resolution", type=int, default=argparse.SUPPRESS, help=f"output side: centre crop, then antialiased "
+                   f"(Lanczos) resize (default: {d.resolution}; a builtin: source keeps its images' own size)")
+    p.add_argument("--keep-size", action="store_true", default=argparse.SUPPRESS,
+                   help="keep each image whole at its own size instead")
+    p.add_argument("--format", default=argparse.SUPPRESS, choices=FORMATS, help=f"image encoding in the shards: raw stores "
+                   f"uint8 pixels (nothing to decode: the fastest for the loader; lossless: right for FID) "
+                   f"(default: {d.format}; builtin: sources are written as the trainer writes them: {builtin})")
     p.add_argument("--quality", type=int, default=d.quality, help="JPEG / WebP quality, 1-100")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard")
+    p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help=f"samples per shard (default: {d.shard_size})")
     p.add_argument("--prefix", default=d.prefix, help="shard file prefix (default: the source's name)")
-    p.add_argument("--shuffle", type=int, default=d.shuffle, metavar="SEED",
+    p.add_argument("--shuffle", type=int, default=argparse.SUPPRESS, metavar="SEED",
                    help="spread images across shards by a permutation with this seed (default: source order)")
     p.add_argument("--faces", action="store_true", help="the paper's face pipeline: one square crop per face "
                    "found by OpenCV's Haar cascade, the box recorded in the sample's json")
@@ -54,10 +59,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="semantic: fit the autoencoder on this many images, the first in processing order")
     p.add_argument("--dedup-radius", type=int, default=d.dedup_radius,
                    help="semantic: codes at most this many bits apart (of 128) are duplicates; 0 = equal codes")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="an input whose header "
+                   "declares more pixels (height x width) is skipped undecoded, with the reason in the manifest: "
+                   "inputs are others' files, and a few KiB can declare a 2.7 GB image")
+    p.add_argument("--max-file-bytes", type=int, default=d.max_file_bytes, help="a larger file, archive member "
+                   "or LMDB value is skipped unread, with the reason in the manifest")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes decoding and encoding; the output does not depend on it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _options(args: argparse.Namespace) -> Options:
+    """The options the command line gives; what it leaves out is Options' default, or for a builtin: source the
+    trainer's (BUILTIN_OPTIONS), so `shard builtin:mnist5k shards/mnist5k` writes what the default run would."""
+    given = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    base = dict(BUILTIN_OPTIONS) if args.source.startswith(sources.BUILTIN) else {}
+    if "resolution" in given:  # a size asked for: resize to it
+        base.pop("keep_size", None)
+    return Options(**{**base, **given})
 
 
 def _index_or_verify(command: str, argv: list[str]) -> int:
@@ -89,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        opts = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})
+        opts = _options(args)
     except ValueError as err:
         parser.error(str(err))
     try:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..data.images import FORMATS
+from ..limits import MAX_IMAGE_PIXELS, MAX_SAMPLE_BYTES
 
 DEDUP_MODES = ("none", "exact", "semantic")
 
@@ -26,6 +27,9 @@ class Options:
     dedup: str = "none"  # none, exact (same pixels) or semantic (the paper's autoencoder hash)
     dedup_fit: int = 20000  # images the semantic hash is fitted on: the first ones in processing order
     dedup_radius: int = 2  # semantic codes at most this many bits apart count as duplicates
+    # Inputs are others' files: one over a limit is skipped with the reason, unread (docs/loader.md).
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images (height x width, from the header) are not decoded
+    max_file_bytes: int = MAX_SAMPLE_BYTES  # larger files, archive members and LMDB values are not read
 
     def __post_init__(self):
         checks = [
@@ -39,6 +43,8 @@ class Options:
             (self.dedup in DEDUP_MODES, f"--dedup must be one of {', '.join(DEDUP_MODES)}"),
             (self.dedup_fit >= 1, "--dedup-fit must be at least 1"),
             (0 <= self.dedup_radius <= 16, "--dedup-radius must be between 0 and 16"),
+            (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
+            (self.max_file_bytes >= 1, "--max-file-bytes must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,15 +3,11 @@ destination (object storage) can stand in for the local directory by providing t
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
-import socket
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import fsspec
 
@@ -21,11 +17,7 @@ from ..data.manifest import MANIFEST, ShardInfo, file_sha256
 from . import writer
 
 
-LOCK = ".lock"
-
-
-class Busy(Exception):
-    """Another run holds the output directory; the message names it."""
+Busy = files.Busy  # another run holds the output directory; the message names it
 
 
 class LocalDir:
@@ -35,28 +27,9 @@ class LocalDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold OUTDIR for this run: a second run at the same time is told who holds it, instead of both
-        writing the same shards. A POSIX record lock belongs to this process alone (forked workers do not inherit
-        it, as they would a flock) and the kernel drops it when the process dies, so a killed run never blocks."""
-        with open(self.path / LOCK, "a+") as f:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise Busy(f"{self.path} is being written by {holder}; wait for it to finish or choose another "
-                           f"OUTDIR") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
-            try:
-                yield
-            finally:
-                f.truncate(0)
-                fcntl.lockf(f, fcntl.LOCK_UN)
+    def lock(self) -> ContextManager[None]:
+        """Hold OUTDIR for this run (files.one_writer): a second run at the same time is told who holds it."""
+        return files.one_writer(self.path, "OUTDIR")
 
     def __str__(self) -> str:
         return str(self.path)

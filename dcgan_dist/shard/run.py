@@ -185,7 +185,7 @@ def _claim(out: LocalDir, identity: dict) -> dict | None:
 def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers: int = 1,
         progress: bool = True) -> dict:
     """Shard a source into outdir and return the manifest; a killed run restarted the same way resumes."""
-    source = sources.open_source(source_spec)
+    source = sources.open_source(source_spec, opts.max_file_bytes)
     if len(source) == 0:
         raise ShardError(f"source {source_spec} holds no file")
     opts = replace(opts, prefix=opts.prefix or safe_key(source.name))
@@ -240,13 +240,15 @@ def _shard(source: sources.Source, source_spec: str, out: LocalDir, opts: Option
     return manifest
 
 
-def builtin_shards(name: str, outdir: str | Path, shard_size: int = 500) -> Path:
-    """Write a built-in set (builtin.py) as shards + manifest under outdir unless a manifest is already there.
+# How a built-in set (builtin.py) is written, by the trainer (data.builtin) and by `python -m dcgan_dist.shard
+# builtin:NAME OUTDIR` alike: images at their own size as lossless PNG, labels as `cls`, 500 a shard, in an order
+# shuffled with seed 0 so every shard is mixed. One set of options, so either may write shards/mnist5k first.
+BUILTIN_OPTIONS = {"keep_size": True, "format": "png", "shard_size": 500, "shuffle": 0}
 
-    Images at their own size as PNG, labels as `cls`, in an order shuffled with seed 0 so every shard is mixed.
-    """
+
+def builtin_shards(name: str, outdir: str | Path) -> Path:
+    """Write a built-in set as shards + manifest under outdir (BUILTIN_OPTIONS) unless a manifest is there."""
     outdir = Path(outdir)
     if not (outdir / MANIFEST).exists():
-        opts = Options(keep_size=True, format="png", shard_size=shard_size, shuffle=0, prefix=name)
-        run(f"{sources.BUILTIN}{name}", outdir, opts, workers=1, progress=False)
+        run(f"{sources.BUILTIN}{name}", outdir, Options(**BUILTIN_OPTIONS), workers=1, progress=False)
     return outdir

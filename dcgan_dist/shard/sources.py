@@ -3,12 +3,17 @@
 A source lists (id, ref) pairs in a stable order, cheaply, in the main process; worker processes turn a ref into
 the raw image with load(). Handles (LMDB environment, archive) are opened lazily in each process, so a source
 pickles as little more than its path.
+
+Sources are others' files: load() reads no more than max_bytes of an item, and only a regular file; a folder is
+walked without following links into folders or out of it (FolderSource). What is refused is an item skipped with
+its reason, as an undecodable image is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tarfile
 import zipfile
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from ..data.images import IMAGE_EXTS, BadImage
+from ..limits import MAX_SAMPLE_BYTES
 from . import builtin
 
 BUILTIN = "builtin:"
@@ -33,11 +39,17 @@ def _check_ext(name: str) -> None:
         raise BadImage(f"not an image file name (extension {ext or 'none'!r})")
 
 
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise BadImage(f"{size:,} bytes, over the limit of {max_bytes:,} (--max-file-bytes): not read")
+
+
 class Source:
     """Base: subclasses set name (the default shard prefix) and implement __len__, refs and load."""
 
     name = "shard"
     random_access = True  # refs can be listed up front and loaded in any order (needed by --shuffle)
+    max_bytes = MAX_SAMPLE_BYTES  # an item larger than this is skipped unread
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -76,8 +88,8 @@ class LmdbSource(Source):
     keys, and each worker opens its own on first use.
     """
 
-    def __init__(self, path: Path):
-        self.path, self.name = str(path), path.name
+    def __init__(self, path: Path, max_bytes: int = MAX_SAMPLE_BYTES):
+        self.path, self.name, self.max_bytes = str(path), path.name, max_bytes
         self.entries = self._env().stat()["entries"]
         self._close()
 
@@ -126,21 +138,91 @@ class LmdbSource(Source):
             yield f"{name} {os.path.getsize(path) if os.path.exists(path) else 0}"
 
     def load(self, ref):
-        with self._env().begin(buffers=False) as txn:
+        with self._env().begin(buffers=True) as txn:  # a view of the memory map: sized before it is copied
             value = txn.get(ref)
-        if value is None:
-            raise KeyError(f"key {ref!r} vanished from the LMDB")
-        return value, {}
+            if value is None:
+                raise KeyError(f"key {ref!r} vanished from the LMDB")
+            _check_size(len(value), self.max_bytes)
+            return bytes(value), {}
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(mode: int) -> str:
+    return "not a regular file: " + next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
+
+
+def _read_regular(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most max_bytes. Opened without blocking, so a FIFO put there after the listing
+    cannot hang the read; its type and size come from the open file itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage(_not_regular(st.st_mode))
+        _check_size(st.st_size, max_bytes)
+        data = f.read(max_bytes + 1)
+    _check_size(len(data), max_bytes)  # it grew since
+    return data
 
 
 class FolderSource(Source):
-    """Every file under a directory, recursively, in sorted path order; ids are paths relative to it."""
+    """Every file under a directory, recursively, in sorted path order; ids are paths relative to it.
 
-    def __init__(self, path: Path):
-        self.path, self.name = path, path.name
-        self.files = sorted(
-            os.path.relpath(os.path.join(root, f), path)
-            for root, _, files in os.walk(path, followlinks=True) for f in files)
+    Links are followed only to regular files inside the folder. A link to a folder is never followed: every
+    folder inside this one is read under its own name, so following could only repeat it or loop (`a -> .`).
+    Such links, links out of the folder and what is not a regular file (a FIFO would block the read for ever, a
+    device never ends) are listed unread and skipped with the reason.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = MAX_SAMPLE_BYTES):
+        self.path, self.name, self.max_bytes = path, path.name, max_bytes
+        self.refused: dict[str, str] = {}  # id -> why it is skipped unread
+        self.files = sorted(self._walk())
+
+    def _walk(self) -> Iterator[str]:
+        """Every entry under the folder but its subfolders, which are walked in turn (no link among them)."""
+        root = os.path.realpath(self.path)
+        pending = [""]
+        while pending:
+            folder = pending.pop()
+            try:
+                with os.scandir(os.path.join(self.path, folder)) as entries:
+                    found = [(os.path.join(folder, e.name), e) for e in entries]
+            except OSError as err:
+                if not folder:
+                    raise SourceError(f"cannot list source folder {self.path}: {err.strerror}") from None
+                self.refused[folder] = f"cannot list this folder: {err.strerror}"
+                yield folder
+                continue
+            for rel, entry in found:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(rel)
+                    continue
+                why = None if entry.is_file(follow_symlinks=False) else self._refusal(entry, root)
+                if why is not None:
+                    self.refused[rel] = why
+                yield rel
+
+    @staticmethod
+    def _refusal(entry: os.DirEntry, root: str) -> str | None:
+        """Why an entry that is not a plain regular file is not read; None for a link to one inside the folder."""
+        if not entry.is_symlink():
+            return _not_regular(entry.stat(follow_symlinks=False).st_mode)
+        target = os.path.realpath(entry.path)
+        if os.path.commonpath([root, target]) != root:
+            return f"a link to {target}, outside the source folder: not followed"
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as err:
+            return f"a link that does not resolve ({err.strerror}): not followed"
+        if stat.S_ISDIR(mode):
+            if os.path.commonpath([target, os.path.realpath(os.path.dirname(entry.path))]) == target:
+                return "a link to a folder that holds it, a loop: not followed"
+            return "a link to a folder, which is read under its own name: not followed"
+        return None if stat.S_ISREG(mode) else _not_regular(mode)
 
     def __len__(self):
         return len(self.files)
@@ -156,15 +238,17 @@ class FolderSource(Source):
                 yield f"{f}\t?"
 
     def load(self, ref):
+        if ref in self.refused:
+            raise BadImage(self.refused[ref])
         _check_ext(ref)
-        return (self.path / ref).read_bytes(), {}
+        return _read_regular(self.path / ref, self.max_bytes), {}
 
 
 class ZipSource(Source):
     """Files in a zip archive, in sorted name order."""
 
-    def __init__(self, path: Path):
-        self.path, self.name = path, path.stem
+    def __init__(self, path: Path, max_bytes: int = MAX_SAMPLE_BYTES):
+        self.path, self.name, self.max_bytes = path, path.stem, max_bytes
         try:
             with zipfile.ZipFile(path) as zf:
                 self.members = sorted(i.filename for i in zf.infolist() if not i.is_dir())
@@ -185,24 +269,37 @@ class ZipSource(Source):
         _check_ext(ref)
         if getattr(self, "_zip", None) is None:
             self._zip = zipfile.ZipFile(self.path)
-        return self._zip.read(ref), {}
+        info = self._zip.getinfo(ref)
+        _check_size(info.file_size, self.max_bytes)  # zipfile stops at this declared size, whatever the data holds
+        return self._zip.read(info), {}
 
 
 class TarSource(Source):
     """Files in a tar archive, in archive order. A plain tar is read in place by offset; a compressed one can only
     be streamed, so its refs carry the bytes and --shuffle is refused."""
 
-    def __init__(self, path: Path):
-        self.path, self.name = path, path.name.split(".")[0]
+    def __init__(self, path: Path, max_bytes: int = MAX_SAMPLE_BYTES):
+        self.path, self.name, self.max_bytes = path, path.name.split(".")[0], max_bytes
         try:
             try:
                 tf = tarfile.open(path, "r:")
             except tarfile.ReadError:  # compressed
                 tf, self.random_access = tarfile.open(path, "r:*"), False
             with tf:
-                self.members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+                self.members = [(m.name, m.offset_data, m.size) for m in self._files(tf)]
         except (tarfile.TarError, OSError, EOFError) as err:
             raise SourceError(f"cannot read tar archive {path}: {err}") from None
+
+    def _files(self, tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """The archive's regular files, each checked as it comes: tarfile has already moved to the next header
+        by the member's size, and a negative one (GNU base-256) would bring it back to this one, for ever."""
+        end = os.path.getsize(self.path) if self.random_access else None
+        for m in tf:
+            if m.size < 0 or end is not None and m.offset_data + m.size > end:
+                raise SourceError(f"tar archive {self.path}: member {m.name!r} declares {m.size:,} bytes, "
+                                  f"which no tar of {os.path.getsize(self.path):,} bytes can hold")
+            if m.isfile():
+                yield m
 
     def __len__(self):
         return len(self.members)
@@ -216,17 +313,18 @@ class TarSource(Source):
             yield from ((name, (name, offset, size)) for name, offset, size in self.members)
             return
         with tarfile.open(self.path, "r:*") as tf:
-            for member in tf:
-                if member.isfile():
-                    yield member.name, (member.name, tf.extractfile(member).read())
+            for m in self._files(tf):  # an oversized member's bytes stay in the archive
+                data = tf.extractfile(m).read() if m.size <= self.max_bytes else None
+                yield m.name, (m.name, data, m.size)
 
     def load(self, ref):
-        _check_ext(ref[0])
+        name, where, size = ref
+        _check_ext(name)
+        _check_size(size, self.max_bytes)
         if not self.random_access:
-            return ref[1], {}
-        _, offset, size = ref
+            return where, {}
         with open(self.path, "rb") as f:
-            f.seek(offset)
+            f.seek(where)
             return f.read(size), {}
 
 
@@ -260,8 +358,9 @@ class BuiltinSource(Source):
         return images[ref], ({} if labels is None else {"cls": str(int(labels[ref])).encode()})
 
 
-def open_source(spec: str) -> Source:
-    """The source a SOURCE argument names: builtin:NAME, an LMDB directory, a folder, a .zip or a tar archive."""
+def open_source(spec: str, max_bytes: int = MAX_SAMPLE_BYTES) -> Source:
+    """The source a SOURCE argument names: builtin:NAME, an LMDB directory, a folder, a .zip or a tar archive;
+    items larger than max_bytes are skipped unread."""
     if spec.startswith(BUILTIN):
         return BuiltinSource(spec[len(BUILTIN):])
     path = Path(spec)
@@ -269,10 +368,10 @@ def open_source(spec: str) -> Source:
         raise SourceError(f"source {spec} does not exist")
     if path.is_dir():
         if (path / "data.mdb").exists() or path.name.endswith(("_lmdb", ".lmdb")):
-            return LmdbSource(path)
-        return FolderSource(path)
+            return LmdbSource(path, max_bytes)
+        return FolderSource(path, max_bytes)
     if zipfile.is_zipfile(path):
-        return ZipSource(path)
+        return ZipSource(path, max_bytes)
     if tarfile.is_tarfile(path):
-        return TarSource(path)
+        return TarSource(path, max_bytes)
     raise SourceError(f"source {spec} is neither a directory, an LMDB, a zip nor a tar archive")

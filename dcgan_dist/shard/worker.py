@@ -72,7 +72,7 @@ class Worker:
         # Whole-image resizes may decode a JPEG scaled down, but never below twice the output size: the final
         # Lanczos step then still does the antialiasing.
         whole = self.opts.faces or self.opts.keep_size
-        arr, orig = imageops.decode(raw, 0 if whole else 2 * self.opts.resolution)
+        arr, orig = imageops.decode(raw, 0 if whole else 2 * self.opts.resolution, self.opts.max_image_pixels)
         return arr, orig, extra
 
     def _crops(self, item_id: str, ref: object) -> tuple[list[tuple[str, np.ndarray, dict]], dict[str, bytes]]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .. import config as config_mod
+from .. import files
 from ..config import Config
 from ..data import storage
 
@@ -54,8 +55,15 @@ def main(argv=None) -> None:
 
         try:
             ray_launch.check_ray()  # before any data is written
+            # Rank 0 on a Ray worker holds run_dir (train/loop.py); asked here first, so that a run_dir in use is
+            # refused at once, not by the failure of a worker group.
+            with files.one_writer(cfg.run_dir, "run_dir"):
+                pass
         except ray_launch.RayUnsupported as err:
             raise SystemExit(f"error: {err}")
+        except files.Busy as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2)
     prepare_data(cfg)
     try:
         steps_per_pass(resolve(cfg.data.shards), cfg, world_size=1)  # every data error before any process starts
@@ -68,7 +76,7 @@ def main(argv=None) -> None:
             train(cfg)
     except DataError as err:  # raised in a loader worker, re-raised here with its traceback as text
         raise SystemExit(f"error: {str(err).strip().splitlines()[-1].split('DataError: ')[-1]}")
-    except ResumeError as err:
+    except (ResumeError, files.Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     except (NonFinite, RendezvousError) as err:

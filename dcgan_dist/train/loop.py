@@ -3,10 +3,10 @@
 The same `train()` runs in a plain local process, under torchrun, and as Ray Train's per-worker function
 (distributed/ray_launch.py is handed it; this module knows nothing of Ray). Progress is counted in images seen
 by D across all ranks; a rerun with the same run directory resumes from the newest checkpoint (resume.py: at any
-world size). A run that goes non-finite rolls back to its newest checkpoint (health.py); SIGTERM or SIGINT stops
-it at a step boundary with a checkpoint (stop.py). A launcher that hears of node preemptions (Ray) hands in a
-`preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
-checkpoint and raises distributed.interruptions.Preempted.
+world size). A run that goes non-finite rolls back to its newest checkpoint (health.py); SIGTERM, SIGINT or SIGHUP
+stops it at a step boundary with a checkpoint (stop.py). A launcher that hears of node preemptions (Ray) hands in
+a `preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
+checkpoint and raises distributed.interruptions.Preempted. Rank 0, the one writer, holds the run directory.
 
 Read top to bottom: train() retries attempts after rollbacks; an attempt builds a Run (the networks, the data
 stream, the logs and the run's position, restored from the newest checkpoint) and steps it. After every step,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -39,6 +40,7 @@ from .runlog import RunLog
 from .step import STAT_NAMES
 from .stop import ignore_in_loader_workers
 
+HANDOVER_S = 60.0  # how long a distributed run's rank 0 waits for a previous attempt's rank 0 to let go of run_dir
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
 CheckpointHook = Callable[[Optional[Path], dict], None]
 
@@ -65,7 +67,7 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
     in_a_row = 0  # rollbacks since a checkpoint was last written: each one draws new latents
     try:
-        with StopRequest() as stop:
+        with _run_dir_held(cfg, ctx), StopRequest() as stop:
             while True:
                 run = Run.start(cfg, ctx, resume_from, in_a_row)
                 try:
@@ -78,6 +80,24 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
                     run.close()
     finally:
         dist.shutdown(ctx)
+
+
+@contextmanager
+def _run_dir_held(cfg: Config, ctx: dist.Context) -> Iterator[None]:
+    """Rank 0, the run directory's one writer, holds it for the run (files.one_writer): a second trainer on the
+    same run_dir gets files.Busy before it writes or deletes a file there. Holding it, rank 0 removes the temporary
+    checkpoints that killed writers left (a second signal's os._exit, a SIGKILL): no other process writes there."""
+    if not ctx.is_main:
+        yield
+        return
+    # A launcher that restarts its group (Ray, torchrun --max-restarts) may start the new rank 0 while the old one
+    # is still exiting; a plain process has no predecessor to wait for.
+    with files.one_writer(cfg.run_dir, "run_dir", wait_s=HANDOVER_S if ctx.distributed else 0):
+        removed = files.remove_temporaries(checkpoint.directory(cfg.run_dir))
+        if removed:
+            print(f"dcgan_dist: removed {removed} unfinished checkpoint file(s) that a killed run left in "
+                  f"{checkpoint.directory(cfg.run_dir)}", flush=True)
+        yield
 
 
 def _give_up_or_roll_back(cfg: Config, ctx: dist.Context, err: health.NonFinite, in_a_row: int) -> None:

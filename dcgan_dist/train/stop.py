@@ -1,4 +1,5 @@
-"""SIGTERM and SIGINT (spot reclaim, `ray job stop`, Kubernetes, Slurm, Ctrl-C) ask the loop to stop cleanly.
+"""SIGTERM, SIGINT and SIGHUP (spot reclaim, `ray job stop`, Kubernetes, Slurm, Ctrl-C, a closed terminal) ask the
+loop to stop cleanly.
 
 The first signal sets a flag; the loop checks it at step boundaries (every step in one process, at each log
 interval under a distributed launcher, where all ranks must agree through the interval's reduction), writes a

@@ -1,0 +1,106 @@
+"""Safe with what others hand you (issue 33, finding 7), through the commands users type: a manifest's
+percent-encoded '..' never reaches a web server, evaluate never writes through a link planted at an output's
+name, and a `pipe:` command that a loader worker starts ends on SIGTERM and SIGINT. (Two trainers on one run
+directory, SIGHUP and a killed writer's temporaries: tests/test_survival.py.)"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from PIL import Image
+
+from dcgan_dist.data.manifest import MANIFEST
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _train(run_dir, shards, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
+         "data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.images=64",
+         "train.device=cpu", "log.every_images=32", "log.sample_every_images=100000",
+         "log.checkpoint_every_images=64", *extra],
+        env=ENV, capture_output=True, text=True, timeout=300)
+
+
+class _Site(http.server.BaseHTTPRequestHandler):
+    """A web server holding a shard set under /set/ and, outside it, /x.tar; it records every path asked for."""
+    files: dict[str, bytes] = {}
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (the standard library's name)
+        _Site.seen.append(self.path)
+        body = _Site.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_manifest_name_that_escapes_once_percent_decoded_is_refused(mnist_shards, tmp_path):
+    """`%2e%2e/x.tar` passed the '..' check and the HTTP client normalised it to /x.tar, outside the set."""
+    entry = {"name": "%2e%2e/x.tar", "count": 500}
+    _Site.files = {"/set/" + MANIFEST: json.dumps({"shards": [entry], "total": 500}).encode(),
+                   "/x.tar": (mnist_shards / "mnist5k-000000.tar").read_bytes()}
+    _Site.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = f"http://127.0.0.1:{server.server_address[1]}/set/{MANIFEST}"
+        r = _train(tmp_path / "run", manifest.removesuffix(MANIFEST), "data.num_workers=0")
+    finally:
+        server.shutdown()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{manifest}: shards[0] {json.dumps(entry)}" in r.stderr and "percent-decoded" in r.stderr, r.stderr
+    assert _Site.seen and all(p == "/set/" + MANIFEST for p in _Site.seen), _Site.seen
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_replaces_a_link_planted_at_an_output_name_and_leaves_its_target(mnist_shards, tmp_path):
+    """`eval/<ckpt>/interpolate.json -> ~/.bashrc` planted by someone who can write there: the command's outputs
+    replace the links; what they pointed at is unchanged."""
+    run = tmp_path / "run"
+    assert _train(run, mnist_shards, "data.num_workers=0").returncode == 0
+    out = run / "eval" / "ckpt-000000000064"
+    out.mkdir(parents=True)
+    targets = {}
+    for name in ("interpolate.json", "interpolate-walks.png"):
+        target = tmp_path / f"precious-{name}"
+        target.write_text("someone's own file\n")
+        (out / name).symlink_to(target)
+        targets[name] = target
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.evaluate", "interpolate", str(run), "--rows", "2",
+                        "--frames", "3"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, target in targets.items():
+        assert target.read_text() == "someone's own file\n", name
+        assert not (out / name).is_symlink() and (out / name).is_file(), name
+    assert json.loads((out / "interpolate.json").read_text())["command"] == "interpolate"
+    assert Image.open(out / "interpolate-walks.png").size[0] > 0
+
+
+def test_pipe_commands_started_by_loader_workers_end_on_sigterm_and_sigint(mnist_shards, tmp_path):
+    """The loader workers ignore SIGTERM and SIGINT (the trainer answers them), and an ignored signal stays ignored
+    in what they exec: each `pipe:` command records the signals it ignores (/proc's SigIgn mask) as it starts."""
+    record = tmp_path / "sigign"
+    shards = f"pipe:grep SigIgn /proc/self/status >> {record}; cat {mnist_shards}/mnist5k-{{000000..000001}}.tar"
+    r = _train(tmp_path / "run", shards, "data.num_workers=2", "data.size=1000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    masks = [int(line.split()[1], 16) for line in record.read_text().splitlines()]
+    ignored = [signal.Signals(s).name for m in masks for s in (signal.SIGTERM, signal.SIGINT) if m >> (s - 1) & 1]
+    assert masks and not ignored, ignored
