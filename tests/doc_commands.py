@@ -122,7 +122,7 @@ NOT_RUN = {
     "-- python -m dcgan_dist.train --config configs/lsun_bedroom_64.yaml trainer.num_workers=16 "
     "trainer.min_workers=8 trainer.use_gpu=true data.shards=s3://my-bucket/lsun_bedroom/ "
     "trainer.storage_path=s3://my-bucket/runs run_dir=/home/ubuntu/runs/lsun_bedroom_64":
-        "16 GPUs and NFS; tests/test_ray.py (elastic group, preemption) and tests/test_hosts.py (a host lost) run "
+        "16 GPUs on AWS and a bucket; tests/test_ray.py (elastic group, preemption) and tests/test_hosts.py (a host lost) run "
         "elastic groups with trainer.min_workers on CPUs",
     "ray drain-node --address <head>:6379 --node-id <this node's ID> --reason DRAIN_NODE_REASON_PREEMPTION "
     "--reason-message \"spot interruption\" --deadline-remaining-seconds 120":
@@ -162,8 +162,8 @@ NOT_RUN = {
     "-- python -m dcgan_dist.train --config configs/lsun_bedroom_64.yaml "
     "data.shards=s3://my-bucket/lsun_bedroom/ trainer.num_workers=8 trainer.use_gpu=true "
     "trainer.storage_path=s3://my-bucket/runs run_dir=/home/ubuntu/runs/lsun_bedroom_64":
-        "8 GPUs, a bucket and NFS; tests/test_remote.py trains from a moto S3 bucket, tests/test_ray.py submits "
-        "jobs to a CPU cluster",
+        "8 GPUs on AWS and LSUN in a bucket; tests/test_remote.py trains from a moto S3 bucket, tests/test_ray.py "
+        "submits jobs to a CPU cluster",
     "python -m dcgan_dist.shard /data/people_photos s3://my-bucket/faces --faces --dedup exact --workers 32":
         "photographs of people and a real bucket; tests/test_shard_faces.py runs --faces, tests/test_remote.py "
         "writes shards to a moto bucket",
@@ -171,8 +171,8 @@ NOT_RUN = {
     "-- python -m dcgan_dist.train --config configs/faces_64.yaml "
     "data.shards=s3://my-bucket/faces/ trainer.num_workers=8 trainer.use_gpu=true "
     "trainer.storage_path=s3://my-bucket/runs run_dir=/home/ubuntu/runs/faces_64":
-        "8 GPUs, a bucket and NFS; tests/test_config.py loads configs/faces_64.yaml, tests/test_ray.py submits "
-        "jobs to a CPU cluster",
+        "8 GPUs on AWS and faces in a bucket; tests/test_config.py loads configs/faces_64.yaml, tests/test_ray.py "
+        "submits jobs to a CPU cluster",
 }
 
 

@@ -88,8 +88,10 @@ def test_nodes_start_only_with_the_token_and_demand_it(name, node, tmp_path):
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    (tmp_path / ".ray" / "auth_token").chmod(0o644)  # as rsync or a umask of 022 may leave it
     proc, calls = _run_start_commands(commands, tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # no other user of the node reads it
     starts = [c for c in calls if " start " in c]
     assert starts and all(c.startswith("RAY_AUTH_MODE=token start ") for c in starts), calls
     if node == "head":
@@ -172,3 +174,14 @@ def test_a_placeholder_file_system_is_a_one_line_error_naming_the_key(placeholde
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: DCGAN_NFS "), proc.stderr
     assert not [c for c in calls if c.startswith(("sudo", "mount ", "pip"))], calls
+
+
+@pytest.mark.parametrize("name", ["gpu.yaml", "local.yaml"])
+def test_the_cluster_key_is_not_the_users_own(name):
+    """Ray copies auth.ssh_private_key to the head as ~/ray_bootstrap_key.pem, readable by every job there: the
+    shipped YAMLs never name a personal key (~/.ssh/id_*), and say why."""
+    text = (CLUSTER / name).read_text()
+    key = yaml.safe_load(text).get("auth", {}).get("ssh_private_key")
+    assert key is None or not Path(key).name.startswith("id_"), key
+    if key is not None:
+        assert "ray_bootstrap_key.pem" in text and "never your personal one" in text
