@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -332,7 +334,7 @@ def test_training_scores_fid_with_a_weights_file(mnist_shards, random_inception,
 
 
 def test_training_with_a_missing_weights_file_or_labels_fails_before_the_first_step(mnist_shards, tmp_path):
-    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+    with pytest.raises(ValueError, match="eval.inception_weights: .*Nothing is downloaded"):
         _train(mnist_shards, tmp_path / "run", width=8, images=160, batch=16, extra=[
             "eval.metric=fid", f"eval.inception_weights={tmp_path / 'missing.pth'}"])
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -346,3 +348,12 @@ def test_training_with_a_missing_weights_file_or_labels_fails_before_the_first_s
         _train(mnist_shards, tmp_path / "run2", width=8, images=160, batch=16, extra=[
             "eval.metric=coverage", f"eval.shards={unlabelled}"])
     assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_an_evaluation_that_cannot_run_is_a_one_line_error_from_the_command(mnist_shards, tmp_path):
+    """Through the command line: no traceback, the key named, nothing written (a traceback on 188cd17)."""
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
+                        "eval.metric=fid", f"eval.inception_weights={tmp_path / 'missing.pth'}",
+                        f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "error: eval.inception_weights:" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints").exists()

@@ -2,7 +2,8 @@
 
 Local mode, torchrun and Ray Train all end up here. torchrun and Ray set RANK, WORLD_SIZE, LOCAL_RANK and
 MASTER_ADDR/PORT; Ray Train also creates the process group before the training function starts.
-Nothing else in the package reads these environment variables.
+Nothing else in the package reads these environment variables, except rendezvous.py, this module's helper for
+forming the group (MASTER_ADDR/PORT, torchelastic's store, the GLOO_/NCCL_SOCKET_IFNAME it chooses).
 """
 
 from __future__ import annotations

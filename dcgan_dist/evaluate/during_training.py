@@ -22,15 +22,26 @@ from ..distributed import context as dist
 from ..distributed.context import Context
 from . import classifier, fid, reference, sharded
 
-def build(cfg: Config, ctx: Context) -> "TrainingEval | None":
-    """The evaluator (on every rank) when eval.metric is set; every rank first checks the FID weights exist."""
-    if cfg.eval.metric is None:
-        return None
+class EvalSetupError(ValueError):
+    """An evaluation the config asks for that cannot run (no weights file, too few samples): a user's error."""
+
+
+def check(cfg: Config, world_size: int) -> None:
+    """Raise EvalSetupError, naming the key, when the evaluation cfg asks for cannot run with world_size ranks."""
     if cfg.eval.metric == "fid":
-        fid.check_weights(cfg.eval.inception_weights)  # on every rank: no rank waits for one that failed
-    if cfg.eval.samples < ctx.world_size:
-        raise ValueError(f"eval.samples={cfg.eval.samples}: fewer than the {ctx.world_size} ranks that share them")
-    return TrainingEval(cfg, ctx)
+        try:
+            fid.check_weights(cfg.eval.inception_weights)
+        except FileNotFoundError as err:
+            raise EvalSetupError(f"eval.inception_weights: {err}") from None
+    if cfg.eval.metric is not None and cfg.eval.samples < world_size:
+        raise EvalSetupError(f"eval.samples={cfg.eval.samples}: fewer than the {world_size} ranks that share them")
+
+
+def build(cfg: Config, ctx: Context) -> "TrainingEval | None":
+    """The evaluator (on every rank) when eval.metric is set; every rank checks first (no rank waits for one that
+    failed)."""
+    check(cfg, ctx.world_size)
+    return None if cfg.eval.metric is None else TrainingEval(cfg, ctx)
 
 
 class TrainingEval:

@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     from .loop import train
     from .resume import ResumeError
     from ..distributed.interruptions import Stopped
+    from ..evaluate import during_training
 
     if cfg.trainer.num_workers > 0:
         from ..distributed import ray_launch  # imported only here: a local run never loads Ray
@@ -67,6 +68,7 @@ def main(argv=None) -> None:
     prepare_data(cfg)
     try:
         steps_per_pass(resolve(cfg.data.shards), cfg, world_size=1)  # every data error before any process starts
+        during_training.check(cfg, max(cfg.trainer.num_workers, 1))  # and every evaluation set-up error
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     try:
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
     except (ResumeError, files.Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    except (NonFinite, RendezvousError) as err:
+    except (NonFinite, RendezvousError, during_training.EvalSetupError) as err:  # the last: torchrun's world size
         raise SystemExit(f"error: {err}")
     except Stopped as err:
         print(f"dcgan_dist: {err}", file=sys.stderr)

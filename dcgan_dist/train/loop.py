@@ -3,8 +3,9 @@
 The same `train()` runs in a plain local process, under torchrun, and as Ray Train's per-worker function
 (distributed/ray_launch.py is handed it; this module knows nothing of Ray). Progress is counted in images seen
 by D across all ranks; a rerun with the same run directory resumes from the newest checkpoint (resume.py: at any
-world size). A run that goes non-finite rolls back to its newest checkpoint (health.py); SIGTERM, SIGINT or SIGHUP
-stops it at a step boundary with a checkpoint (stop.py). A launcher that hears of node preemptions (Ray) hands in
+world size). A run that goes non-finite (health.py finds it) rolls back to its newest checkpoint (train() and
+_give_up_or_roll_back below); SIGTERM, SIGINT or SIGHUP stops it at a step boundary with a checkpoint
+(distributed/interruptions.py: StopRequest). A launcher that hears of node preemptions (Ray) hands in
 a `preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
 checkpoint and raises distributed.interruptions.Preempted. Rank 0, the one writer, holds the run directory.
 
@@ -235,13 +236,17 @@ class Run:
         the health checks, TensorBoard. Whether any rank was asked to stop."""
         w, ctx = self.window, self.ctx
         elapsed = time.perf_counter() - w.began
-        host = torch.tensor([*self.skipped, w.steps * self.cfg.train.batch_size / elapsed, float(bool(stop.signum))],
-                            device=ctx.device)
-        values = dist.all_reduce_sum(torch.cat([w.stat_sum / w.steps, host])).tolist()
-        metrics = {name: v / ctx.world_size for name, v in zip(STAT_NAMES, values)}
+        # One all-reduce of everything the interval needs from every rank, summed; named back on the host.
+        host = {"data/skipped_samples": self.skipped[0], "data/skipped_shards": self.skipped[1],
+                "perf/images_per_sec": w.steps * self.cfg.train.batch_size / elapsed, "stop": float(bool(stop.signum))}
+        summed = dist.all_reduce_sum(torch.cat([w.stat_sum / w.steps, torch.tensor(list(host.values()),
+                                                                                    device=ctx.device)])).tolist()
+        totals = dict(zip([*STAT_NAMES, *host], summed, strict=True))
+        metrics = {name: totals[name] / ctx.world_size for name in STAT_NAMES}  # each rank's mean, averaged
         health.check_metrics(metrics, self.images)
-        metrics["data/skipped_samples"], metrics["data/skipped_shards"] = values[len(STAT_NAMES):-2]
-        metrics["perf/images_per_sec"], metrics["perf/world_size"] = values[-2], ctx.world_size
+        metrics.update({name: totals[name] for name in ("data/skipped_samples", "data/skipped_shards",
+                                                         "perf/images_per_sec")})
+        metrics["perf/world_size"] = ctx.world_size
         alarm = self.watch.update(metrics)
         if self.log is not None:
             self.log.scalars(self.images, metrics)
@@ -249,7 +254,7 @@ class Run:
                 self.log.alarm(self.images, alarm)
         self.metrics = {**metrics, "images": self.images}
         w.restart()
-        return values[-1] > 0
+        return totals["stop"] > 0
 
     def probe(self, preemption: PreemptionProbe) -> Notice | None:
         """The launcher's preemption notice, if any (on every rank at the same step: a barrier under Ray)."""
