@@ -305,3 +305,15 @@ def test_sighup_from_a_closed_terminal_checkpoints_at_the_count_reached_and_resu
     assert resumed.wait(timeout=240) == 0, said[-3000:]
     assert f"resumed from {checkpoint.path_for(run, stopped_at)}" in said, said[-3000:]
     _same_weights(straight, checkpoint.load(checkpoint.latest(run)))
+
+
+def test_a_start_that_fails_after_the_loader_workers_began_still_ends(mnist_shards, tmp_path):
+    """Run.start creates the loader's workers, which ignore SIGTERM (stop.py), before it writes config.yaml: a failure
+    there left them alive, and the process waited for them at exit for ever (188cd17: still running after 120 s)."""
+    run = tmp_path / "run"
+    (run / "config.yaml").mkdir(parents=True)  # config.yaml cannot be written
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
+                        "data.num_workers=2", f"run_dir={run}", "train.images=640"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "config.yaml" in r.stderr, r.stderr
+    assert not [p for p in run.iterdir() if files.TMP_TAG in p.name]

@@ -155,6 +155,7 @@ class Run:
         """Networks, data stream and logs, at the newest checkpoint's position (or at 0)."""
         device = ctx.device
         shards = resolve(cfg.data.shards)
+        evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
         nets = build_nets(cfg, ctx)
         at = resume.restore(nets, cfg, ctx, shards, resume_from)
         step_fn = make_step(nets, cfg, ctx)
@@ -169,12 +170,15 @@ class Run:
                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
         run = cls(cfg, ctx, nets, step_fn, iter(loader), position, at.images, at.step, at.data_step,
                   at.rollbacks + extra_rollbacks, at.skipped, target, fixed_z,
-                  Window(torch.zeros(len(STAT_NAMES), device=device)))
-        if ctx.is_main:
-            run.log = _open_log(cfg, nets, at, target)
-        run.evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
-        if run.log is not None and run.evaluator is not None:
-            run.log.message(run.evaluator.describe())
+                  Window(torch.zeros(len(STAT_NAMES), device=device)), evaluator=evaluator)
+        try:  # the loader's workers run from iter(loader) on: whatever fails now must shut them down (close)
+            if ctx.is_main:
+                run.log = _open_log(cfg, nets, at, target)
+            if run.log is not None and run.evaluator is not None:
+                run.log.message(run.evaluator.describe())
+        except BaseException:
+            run.close()
+            raise
         return run
 
     def train(self, stop: StopRequest, on_checkpoint: CheckpointHook | None, preemption: PreemptionProbe | None,
