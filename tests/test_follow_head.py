@@ -252,9 +252,11 @@ def test_a_raylet_restarted_in_the_session_is_followed_too(node):
     follower = _start(n.env, n.head, "--linger", "30")
     n.raylet.kill()
     n.raylet.wait()
-    _wait(lambda: not _alive(n.agent) and n.monitor.poll() is not None, 20,
-          lambda: f"the raylet's agent was left running: {_log(n)}")
-    assert "this node's raylet has exited; stopped" in _log(n) and _alive(follower)
+    # The follower writes its line after the processes are gone: wait for both (CI once read the log in between).
+    _wait(lambda: not _alive(n.agent) and n.monitor.poll() is not None
+          and "this node's raylet has exited; stopped" in _log(n), 20,
+          lambda: f"the raylet's agent was left running, or not reported: {_log(n)}")
+    assert _alive(follower)
     raylet, agent, monitor = _start_ray(n.ray, n.session)
     n.started += [raylet, monitor]
     time.sleep(1)
