@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="ema: G_ema, the moving average of G (default; G if the checkpoint has none); raw: G")
 
     def shards(p, what):
-        p.add_argument("--shards", default=None, help=f"{what} (default: the checkpoint's data.shards, if a local path)")
+        p.add_argument("--shards", default=None,
+                       help=f"{what} (default: the checkpoint's data.shards, if a local path)")
 
     parser = argparse.ArgumentParser(prog="python -m dcgan_dist.evaluate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -36,15 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     # resolution, keep-size, format, shard-size and shuffle are absent unless given (SUPPRESS): _options fills in
     # what the command line leaves out, for a builtin: source from BUILTIN_OPTIONS.
     builtin = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in BUILTIN_OPTIONS.items())
-    p.add_argument("--resolution", type=int, default=argparse.SUPPRESS, help=f"output side: centre crop, then antialiased "
-                   f"(Lanczos) resize (default: {d.resolution}; a builtin: source keeps its images' own size)")
+    p.add_argument("--resolution", type=int, default=argparse.SUPPRESS,
+                   help=f"output side: centre crop, then antialiased (Lanczos) resize (default: {d.resolution}; a "
+                        f"builtin: source keeps its images' own size)")
     p.add_argument("--keep-size", action="store_true", default=argparse.SUPPRESS,
                    help="keep each image whole at its own size instead")
-    p.add_argument("--format", default=argparse.SUPPRESS, choices=FORMATS, help=f"image encoding in the shards: raw stores "
-                   f"uint8 pixels (nothing to decode: the fastest for the loader; lossless: right for FID) "
-                   f"(default: {d.format}; builtin: sources are written as the trainer writes them: {builtin})")
+    p.add_argument("--format", default=argparse.SUPPRESS, choices=FORMATS,
+                   help=f"image encoding in the shards: raw stores uint8 pixels (nothing to decode: the fastest for "
+                        f"the loader; lossless: right for FID) (default: {d.format}; builtin: sources are written as "
+                        f"the trainer writes them: {builtin})")
     p.add_argument("--quality", type=int, default=d.quality, help="JPEG / WebP quality, 1-100")
-    p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help=f"samples per shard (default: {d.shard_size})")
+    p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS,
+                   help=f"samples per shard (default: {d.shard_size})")
     p.add_argument("--prefix", default=d.prefix, help="shard file prefix (default: the source's name)")
     p.add_argument("--shuffle", type=int, default=argparse.SUPPRESS, metavar="SEED",
                    help="spread images across shards by a permutation with this seed (default: source order)")

@@ -17,9 +17,6 @@ from ..data.manifest import MANIFEST, ShardInfo, file_sha256
 from . import writer
 
 
-Busy = files.Busy  # another run holds the output directory; the message names it
-
-
 class LocalDir:
     """A local output directory; every file appears atomically under its final name."""
 

@@ -19,12 +19,13 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from .. import files
 from ..data import storage
 from ..data.manifest import MANIFEST, ShardInfo
 from . import dedup, sources
 from . import worker as shard_worker
 from .options import Options
-from .output import Busy, LocalDir, open_output
+from .output import LocalDir, open_output
 from .writer import safe_key, shard_name
 
 PROGRESS = ".progress"
@@ -199,7 +200,7 @@ def run(source_spec: str, outdir: str | Path, opts: Options = Options(), workers
     try:
         with out.lock():
             return _shard(source, source_spec, out, opts, identity, workers, progress)
-    except Busy as err:
+    except files.Busy as err:
         raise ShardError(str(err)) from None
 
 

@@ -248,8 +248,7 @@ class Run:
         totals = dict(zip([*STAT_NAMES, *host], summed, strict=True))
         metrics = {name: totals[name] / ctx.world_size for name in STAT_NAMES}  # each rank's mean, averaged
         health.check_metrics(metrics, self.images)
-        metrics.update({name: totals[name] for name in ("data/skipped_samples", "data/skipped_shards",
-                                                         "perf/images_per_sec")})
+        metrics.update({name: totals[name] for name in host if name != "stop"})
         metrics["perf/world_size"] = ctx.world_size
         alarm = self.watch.update(metrics)
         if self.log is not None:
