@@ -19,14 +19,7 @@ from PIL import Image
 from dcgan_dist import checkpoint
 from dcgan_dist.data.manifest import MANIFEST
 from dcgan_dist.data.shardset import resolve
-
-
-def _train(run_dir, shards, images=64, *extra, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
-         "data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={images}",
-         "log.every_images=32", "log.sample_every_images=100000", "log.checkpoint_every_images=64", *extra],
-        capture_output=True, text=True, timeout=timeout)
+from tiny_run import train_cli
 
 
 def _digits(n):
@@ -56,7 +49,7 @@ def test_webdataset_shardwriter_shards_train_unchanged(tmp_path):
     """Shards from webdataset's own ShardWriter, no manifest: counted from their headers, then trained on."""
     out = _shardwriter_digits(tmp_path / "wds", 120, per_shard=50)
     assert resolve(str(out)).size == 120
-    r = _train(tmp_path / "run", out)
+    r = train_cli(tmp_path / "run", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert checkpoint.latest(tmp_path / "run").name == "ckpt-000000000064.pt"
 
@@ -72,7 +65,7 @@ def test_img2dataset_layout_trains_unchanged(tmp_path):
                 info = tarfile.TarInfo(f"00000/{i:09d}.v2.{field}")  # key '00000/00000000i', field 'v2.jpg'
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    r = _train(tmp_path / "run", tmp_path / "i2d", 32)
+    r = train_cli(tmp_path / "run", tmp_path / "i2d", images=32)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipping sample" not in r.stderr
 
@@ -95,7 +88,7 @@ def test_manifest_names_outside_the_folder_are_refused(tmp_path, mnist_shards, n
     d = tmp_path / "set"
     d.mkdir()
     (d / MANIFEST).write_text(json.dumps({"shards": [{"name": name, "count": 10}], "total": 10}))
-    r = _train(tmp_path / "run", d)
+    r = train_cli(tmp_path / "run", d)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "shards[0]" in r.stderr and "manifest" in r.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run").exists()
@@ -105,7 +98,7 @@ def test_malformed_manifest_entry_is_an_error_naming_it(tmp_path):
     d = tmp_path / "set"
     d.mkdir()
     (d / MANIFEST).write_text(json.dumps({"shards": [{"name": "a.tar"}], "total": 1}))
-    r = _train(tmp_path / "run", d)
+    r = train_cli(tmp_path / "run", d)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "'count'" in r.stderr
 
 
@@ -119,7 +112,7 @@ def test_shards_where_nothing_decodes_stop_with_an_error(tmp_path, workers):
             for i in range(20):
                 sink.write({"__key__": f"s{i}", "jpg": b"not a jpeg" if i % 2 else b"", "txt": b"x"}
                            if k == 0 else {"__key__": f"s{i}", "txt": b"caption only"})
-    r = _train(tmp_path / "run", d, 64, f"data.num_workers={workers}", timeout=120)
+    r = train_cli(tmp_path / "run", d, f"data.num_workers={workers}", timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "none of the first" in r.stderr and "bad-00000" in r.stderr and "first reasons" in r.stderr
 

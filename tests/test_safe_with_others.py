@@ -16,17 +16,13 @@ import threading
 from PIL import Image
 
 from dcgan_dist.data.manifest import MANIFEST
+from tiny_run import train_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(run_dir, shards, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
-         "data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.images=64",
-         "train.device=cpu", "log.every_images=32", "log.sample_every_images=100000",
-         "log.checkpoint_every_images=64", *extra],
-        env=ENV, capture_output=True, text=True, timeout=300)
+    return train_cli(run_dir, shards, "train.device=cpu", *extra, env=ENV)
 
 
 class _Site(http.server.BaseHTTPRequestHandler):
