@@ -105,6 +105,11 @@ class TrainerConfig:
     preemption_grace_s: float = 60.0   # after a notice's deadline, how long Ray waits for the node to be gone
     startup_timeout_s: float = 300.0   # ranks that have not all joined by then: an error naming the missing ones
     collective_timeout_s: float = 1800.0  # a collective waiting longer than this for a rank is an error
+    # A step (its read, its collectives) not done within this is a hang: every rank that can still run reports
+    # where it is and exits (distributed/watchdog.py), and the launcher restarts from the newest checkpoint.
+    # null: the larger of 120 s and 20 x the median step; 0: no watchdog (a debugger's breakpoint, say).
+    hang_timeout_s: Optional[float] = None
+    first_step_timeout_s: float = 900.0  # the first steps of each attempt: compilation, CUDA graphs, first reads
     storage_path: Optional[str] = None  # Ray checkpoint storage shared by all nodes (NFS path, s3://, gs://);
                                         # default: <run_dir>/ray, which suits one machine only
 
@@ -178,6 +183,7 @@ RANGES: dict[str, tuple] = {
     "trainer.min_workers": (1, 4096), "trainer.elastic_check_s": (0, _DAY),
     "trainer.max_preemption_failures": (-1, 1000), "trainer.preemption_grace_s": (0, _DAY),
     "trainer.startup_timeout_s": ("<", 0, _DAY), "trainer.collective_timeout_s": ("<", 0, _DAY),
+    "trainer.hang_timeout_s": (0, _DAY), "trainer.first_step_timeout_s": ("<", 0, _DAY),
     "perf.ddp_bucket_mb": (1, 1024),
     "eval.every_images": (1, _IMAGES), "eval.samples": (2, 1_000_000), "eval.real_samples": (2, 10_000_000),
 }

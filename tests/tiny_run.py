@@ -7,10 +7,14 @@ import subprocess
 import sys
 
 
+# The tiny model and its logging, for a command line of one's own (overrides after these win).
+TINY = ("data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", "log.every_images=32",
+        "log.sample_every_images=100000")
+
+
 def train_cli(run_dir, shards, *extra: str, images: int = 64, timeout: float = 300,
               env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
-         "data.builtin=null", "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={images}",
-         "log.every_images=32", "log.sample_every_images=100000", "log.checkpoint_every_images=64", *extra],
+        [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}", *TINY,
+         f"train.images={images}", "log.checkpoint_every_images=64", *extra],
         capture_output=True, text=True, timeout=timeout, env=env)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import fsspec
 from ..limits import MAX_SAMPLE_BYTES
 from . import tarread
 
+_PIPE_CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read may stall before the attempt counts as failed
 _HTTP_BUFFER = 1 << 20
 _jitter = random.Random()  # private: retry timing must not touch the random state that checkpoints restore
@@ -53,29 +56,51 @@ class PipeStream:
     """The standard output of `pipe:COMMAND` (run by the shell, as WebDataset does), read front to back.
 
     A command that exits non-zero after its output was read to the end is an error naming it, so that a failed
-    download (`pipe:aws s3 cp ... -`) is retried and counted, not taken for a short shard. Closing early stops it.
+    download (`pipe:aws s3 cp ... -`) is retried and counted, not taken for a short shard. A command that writes
+    nothing for `timeout` seconds (data.io_timeout) is a TimeoutError naming it, like a stalled remote read: a read
+    never waits for ever. Closing early stops it.
     """
 
-    def __init__(self, url: str):
-        self.command = url[len("pipe:"):]
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT):
+        self.command, self.timeout = url[len("pipe:"):], timeout
         self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_stoppable)
+                                     preexec_fn=_stoppable, bufsize=0)
+        self._fd, self._buf, self._pos, self._eof = self.proc.stdout.fileno(), bytearray(), 0, False
+
+    def _fill(self) -> None:
+        """At least one more chunk of the command's output into the buffer, or EOF; TimeoutError on a stall."""
+        ready, _, _ = select.select([self._fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"pipe command {self.command!r} wrote nothing for {self.timeout:g} s (data.io_timeout)")
+        chunk = os.read(self._fd, _PIPE_CHUNK)
+        self._eof = not chunk
+        if self._pos:  # drop what was read: one copy per chunk, not per read
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
 
     def read(self, n: int = -1) -> bytes:
-        return self.proc.stdout.read(n)
+        while not self._eof and (n < 0 or len(self._buf) - self._pos < n):
+            self._fill()
+        end = len(self._buf) if n < 0 else min(self._pos + n, len(self._buf))
+        out = bytes(self._buf[self._pos:end])
+        self._pos = end
+        return out
 
     def __enter__(self) -> "PipeStream":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            while self.proc.stdout.read(1 << 16):  # the tar's trailing padding: let the command finish
+            while self.read(_PIPE_CHUNK):  # the tar's trailing padding: let the command finish
                 pass
         self.proc.stdout.close()  # a reader that stopped early: the command gets SIGPIPE on its next write
         try:
             status = self.proc.wait(timeout=None if exc_type is None else 1)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            # The whole group: a shell that ran a script has the script's own commands below it, which would
+            # outlive it holding the trainer's stderr.
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             return
         if status > 0 and exc_type is not GeneratorExit:  # the command's failure explains a short stream too
@@ -83,16 +108,18 @@ class PipeStream:
 
 
 def _stoppable() -> None:
-    """In a pipe command's process, before it runs: SIGTERM and SIGINT end it. The loader workers that start it
-    ignore them (train/stop.py), and an ignored signal stays ignored across exec, where a shell cannot undo it."""
+    """In a pipe command's process, before it runs: SIGTERM and SIGINT end it (the loader workers that start it
+    ignore them, distributed/interruptions.py, and an ignored signal stays ignored across exec, where a shell
+    cannot undo it), and it leads a process group of its own, which PipeStream can end whole."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
+    os.setpgid(0, 0)
 
 
 def open_read(url: str, timeout: float = DEFAULT_TIMEOUT) -> IO[bytes]:
     """A binary stream over a whole object, read front to back."""
     if url.startswith("pipe:"):
-        return PipeStream(url)
+        return PipeStream(url, timeout)
     if not is_remote(url):  # the loader's hot path: a plain buffered file, without fsspec's per-read wrapper
         return open(url, "rb", buffering=1 << 20)
     fs, path = filesystem(url, timeout)

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from . import rendezvous
+from . import rendezvous, watchdog
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ def init(device: str = "auto", timeout_s: float = 1800, startup_timeout_s: float
     owns = False
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if (world_size > 1 or launched()) and not torch_dist.is_initialized():
+        if backend == "nccl":
+            watchdog.nccl_tracing()  # before the group forms: its record is what a hang report shows
         store = rendezvous.join(rank, world_size, startup_timeout_s, backend)
         torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                       timeout=timedelta(seconds=timeout_s))
@@ -73,7 +75,7 @@ def init(device: str = "auto", timeout_s: float = 1800, startup_timeout_s: float
         # Ray Train made the group with trainer.startup_timeout_s (its TorchConfig) so that a rendezvous that
         # cannot complete fails in bounded time; from here on collectives get their own timeout.
         backend = torch_dist.get_backend()
-        torch_dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+        torch_dist.set_timeout(timedelta(seconds=timeout_s))
     if launched() or torch_dist.is_initialized():
         print(rendezvous.whereabouts(rank, world_size, dev, backend), flush=True)
     return Context(rank, world_size, local_rank, dev, owns)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,10 @@ def kill_children(wait: float = 2.0) -> None:
     delivered asynchronously, so only the reaping says the child is gone before this process goes."""
     me = os.getpid()
     children = [pid for pid, proc in processes().items() if proc.ppid == me]
-    # torch's DataLoader handles SIGCHLD by raising that a worker was killed: not now, this process is going.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # torch's DataLoader handles SIGCHLD by raising that a worker was killed: not now, this process is going. (Only
+    # the main thread may set it; from another, the hang watchdog's, the main thread is stuck and runs no handler.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     send(children, signal.SIGKILL)
     deadline = time.monotonic() + wait
     for pid in children:

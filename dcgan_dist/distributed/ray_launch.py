@@ -47,14 +47,13 @@ import ray  # noqa: E402
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch import config as ray_torch_config
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config, ConfigError
 from ..data import storage
-from . import ray_files, rendezvous
+from . import private_api, ray_files, rendezvous, watchdog
 from .interruptions import Notice, Preempted, Stopped, StopRequest
 
 # The training loop: loop(cfg, resume_from=None, on_checkpoint=None), called on every worker.
@@ -70,21 +69,20 @@ class RayUnsupported(RuntimeError):
     """The installed Ray cannot run this launcher; the message says what to change."""
 
 
-PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+PRINT_PATCH = private_api.PRINT_PATCH_ENV_VAR
 
 
 def check_ray() -> None:
     """Ray 2.60 or newer with Train V2 (its default; RAY_TRAIN_V2_ENABLED=0 turns it off), or RayUnsupported; a
     warning when it is not the Ray that pyproject.toml pins."""
-    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
-
     version = tuple(int(p) for p in ray.__version__.split(".")[:2])
     if version < RAY_MIN:
         raise RayUnsupported(f"Ray {ray.__version__} is installed; trainer.num_workers > 0 needs Ray "
                              f"{'.'.join(map(str, RAY_MIN))} or newer: pip install 'ray[train,default]>=2.60'")
-    if not is_v2_enabled():
-        raise RayUnsupported(f"{V2_ENABLED_ENV_VAR}={os.environ.get(V2_ENABLED_ENV_VAR)} turns Ray Train V2 off; "
+    if not hasattr(ray.train, "get_preemption_info"):  # ray.train exports it only with Train V2 on
+        raise RayUnsupported(f"RAY_TRAIN_V2_ENABLED={os.environ.get('RAY_TRAIN_V2_ENABLED')} turns Ray Train V2 off; "
                              f"this launcher uses V2's elastic groups and preemption notices: unset it")
+    private_api.check()
     _say_if_not_pinned()
 
 
@@ -119,11 +117,11 @@ def _report(path: Path | None, metrics: dict) -> None:
 
 # Ray Train's fallback when a drain names no deadline (its DEFAULT_PREEMPTION_DEADLINE_S), and how much longer
 # than the deadline a held worker waits for the restart before it gives up with an error.
-UNKNOWN_DEADLINE_S, HOLD_MARGIN_S = 120.0, 60.0
+UNKNOWN_DEADLINE_S, HOLD_MARGIN_S = private_api.preemption_deadline_fallback_s(), 60.0
 # How often Ray Train's view of the cluster's nodes is refreshed (Ray 2.60's AutoscalingCoordinator ticks every
 # 20 s): a group restarted before that still counts a dead node's CPUs and GPUs, waits a minute for workers that
 # cannot start there (its worker-group start timeout) and only then starts smaller.
-NODE_VIEW_REFRESH_S = 21.0
+NODE_VIEW_REFRESH_S = private_api.node_view_tick_s() + 1.0
 
 
 def _preemption() -> Notice | None:
@@ -173,11 +171,15 @@ def _hold(notice: Preempted, grace_s: float) -> None:
 
 
 @ray.remote(num_cpus=0)
-class StopFlag:
-    """The signal the driver was stopped with, for every rank to read at its log interval (0: none)."""
+class RunControl:
+    """The driver's side of the run, for every rank to reach: the signal the driver was stopped with (read at each
+    log interval; 0: none) and the watchdogs' board (heartbeats, and the hangs they reported). On the driver's node,
+    so a frozen or lost worker node cannot take it down."""
 
     def __init__(self):
         self.signum = 0
+        self.beats: dict[int, dict] = {}
+        self.hangs: list[dict] = []
 
     def request(self, signum: int) -> None:
         self.signum = self.signum or signum
@@ -185,18 +187,48 @@ class StopFlag:
     def get(self) -> int:
         return self.signum
 
+    def post(self, rank: int, beat: dict) -> None:
+        self.beats[rank] = beat
 
-def _stop_probe(flag) -> int:
+    def read(self) -> dict[int, dict]:
+        return self.beats
+
+    def hung(self, report: dict) -> None:
+        self.hangs.append(report)
+
+    def hang_reports(self) -> list[dict]:
+        return self.hangs
+
+
+def _stop_probe(control) -> int:
     """The loop's stop probe: the driver's signal number, or 0."""
-    return ray.get(flag.get.remote())
+    return ray.get(control.get.remote())
+
+
+class _ActorBoard:
+    """The watchdog's board (distributed/watchdog.py) in the RunControl actor; each beat carries its Ray node."""
+    TIMEOUT_S = 10.0
+
+    def __init__(self, control):
+        self.control, self.node_id = control, ray.get_runtime_context().get_node_id()
+
+    def post(self, rank: int, beat: dict) -> None:
+        self.control.post.remote(rank, {**beat, "node_id": self.node_id})
+
+    def read(self) -> dict[int, dict]:
+        return {int(k): v for k, v in ray.get(self.control.read.remote(), timeout=self.TIMEOUT_S).items()}
+
+    def hung(self, report: dict) -> None:
+        ray.get(self.control.hung.remote(report), timeout=self.TIMEOUT_S)
 
 
 def worker_loop(loop_config: dict, loop: Loop) -> None:
     """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any.
     A stop asked for by the driver ends it normally, after the checkpoint at the count reached."""
     cfg = config_mod.from_dict(loop_config["cfg"])
-    hooks = dict(on_checkpoint=_report, preemption=_preemption,
-                 stop_probe=partial(_stop_probe, ray.get_actor(loop_config["stop_flag"])))
+    control = ray.get_actor(loop_config["control"])
+    hooks = dict(on_checkpoint=_report, preemption=_preemption, stop_probe=partial(_stop_probe, control),
+                 board=_ActorBoard(control))
     restored = ray.train.get_checkpoint()
     try:
         if restored is None:
@@ -240,17 +272,15 @@ def _elastic(t) -> bool:
 
 
 def _bind_to_node_address() -> None:
-    """On each worker, before Ray builds the process group: its sockets on this node's Ray address."""
+    """On each worker, before Ray builds the process group: its sockets on this node's Ray address, and NCCL's
+    record of collectives in flight kept for a hang report."""
     rendezvous.choose_interface(ray.util.get_node_ip_address())
+    watchdog.nccl_tracing()
 
 
-class _TorchBackend(ray_torch_config._TorchBackend):
-    """Ray's torch backend, with every worker's interface chosen before the process group forms (Ray offers no
-    public hook that runs on the workers before it)."""
-
-    def on_start(self, worker_group, backend_config) -> None:
-        worker_group.execute(_bind_to_node_address)
-        super().on_start(worker_group, backend_config)
+# Ray's torch backend, with every worker's interface chosen before the process group forms (Ray offers no public
+# hook that runs on the workers before it): private_api says why and checks it.
+_TorchBackend = private_api.torch_backend_running_first(_bind_to_node_address)
 
 
 @dataclass
@@ -260,15 +290,15 @@ class _TorchConfig(TorchConfig):
         return _TorchBackend
 
 
-def trainer_for(cfg: Config, loop: Loop, stop_flag: str) -> TorchTrainer:
+def trainer_for(cfg: Config, loop: Loop, control: str) -> TorchTrainer:
     """The TorchTrainer for a resolved cfg: one worker per GPU (use_gpu) or per cpus_per_worker CPUs; an elastic
-    group of min_workers..num_workers of them when trainer.min_workers is set. stop_flag: the StopFlag actor's
+    group of min_workers..num_workers of them when trainer.min_workers is set. control: the RunControl actor's
     name."""
     t = cfg.trainer
     elastic = _elastic(t)
     return TorchTrainer(
         partial(worker_loop, loop=loop),  # pickled by reference: workers import the loop's module themselves
-        train_loop_config={"cfg": config_mod.to_dict(cfg), "stop_flag": stop_flag},
+        train_loop_config={"cfg": config_mod.to_dict(cfg), "control": control},
         # The process group's own timeout bounds its rendezvous; context.init then sets collective_timeout_s.
         torch_config=_TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=math.ceil(t.startup_timeout_s)),
         scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if elastic else t.num_workers,
@@ -316,9 +346,7 @@ def _start_local() -> None:
     by default on macOS and Windows: turn them off here, for this process (Ray read the switch at import) and for
     the processes the instance starts (they read it from the environment).
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", _node_ip_address="127.0.0.1")
+    private_api.init_local_on_loopback()
 
 
 def _check_fits(t, can_grow: bool) -> None:
@@ -370,13 +398,13 @@ def run(cfg: Config, loop: Loop) -> ray.train.Result:
     _check_fits(cfg.trainer, can_grow=_connect())
     # Owned by this driver, so it goes with the job; named, so that every worker finds it; on the driver's node, as
     # Train's controller is, so that it outlives any worker node.
-    name = f"dcgan-stop-{uuid.uuid4().hex[:12]}"
+    name = f"dcgan-control-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    flag = StopFlag.options(name=name, scheduling_strategy=here).remote()
-    # SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): passed on to every rank through the flag, so the
-    # ranks checkpoint at the count reached and return; a second one exits at once.
+    control = RunControl.options(name=name, scheduling_strategy=here).remote()
+    # SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): passed on to every rank through the control actor,
+    # so the ranks checkpoint at the count reached and return; a second one exits at once.
     with StopRequest("every rank writes a checkpoint at its next log interval, then the run stops",
-                     on_first=lambda signum: flag.request.remote(signum)) as stop:
+                     on_first=lambda signum: control.request.remote(signum)) as stop:
         result = _fit(trainer_for(cfg, loop, name))
     where = result.checkpoint.path if result.checkpoint is not None else "none"
     if stop.signum:

@@ -96,12 +96,27 @@ def node() -> str:
     return socket.gethostname()
 
 
+def where() -> dict:
+    """This rank's node and the address it reaches the rendezvous from, for the hang watchdog's heartbeat."""
+    host, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    return {"node": node(), "address": local_address(host, int(port)) if port.isdigit() else "?"}
+
+
+def store_board_address() -> tuple[str, int, str] | None:
+    """(host, port, key prefix) of the store a torchrun attempt met in, for the watchdog's board; None when no
+    launcher set one (a plain process) or the store lives in a rank (Ray Train's: the Ray launcher has its own)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    host, port = _master()
+    return host, port, f"dcgan/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/watch/"
+
+
 def whereabouts(rank: int, world_size: int, device: torch.device, backend: str) -> str:
     """One line: where this rank runs and how it talks to the others."""
     host, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     address = local_address(host, int(port)) if port.isdigit() else "?"
-    return (f"dcgan_dist: rank {rank} of {world_size} on node {node()} ({address}), device {device}, backend "
-            f"{backend}; rendezvous {host}:{port}; {interface_settings()}")
+    return (f"dcgan_dist: rank {rank} of {world_size} on node {node()} ({address}), pid {os.getpid()}, device "
+            f"{device}, backend {backend}; rendezvous {host}:{port}; {interface_settings()}")
 
 
 def _hint(host: str, port: int, world_size: int) -> str:

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     from .health import NonFinite
     from .loop import train
     from .resume import ResumeError
-    from ..distributed.interruptions import Stopped
+    from ..distributed.interruptions import Stopped, exit_status
     from ..evaluate import during_training
 
     if cfg.trainer.num_workers > 0:
@@ -85,4 +85,4 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}")
     except Stopped as err:
         print(f"dcgan_dist: {err}", file=sys.stderr)
-        raise SystemExit(128 + err.signum)
+        raise SystemExit(exit_status(err))

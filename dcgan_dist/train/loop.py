@@ -4,15 +4,15 @@ The same `train()` runs in a plain local process, under torchrun, and as Ray Tra
 (distributed/ray_launch.py is handed it; this module knows nothing of Ray). Progress is counted in images seen
 by D across all ranks; a rerun with the same run directory resumes from the newest checkpoint (resume.py: at any
 world size). A run that goes non-finite (health.py finds it) rolls back to its newest checkpoint (train() and
-_give_up_or_roll_back below); SIGTERM, SIGINT or SIGHUP stops it at a step boundary with a checkpoint
-(distributed/interruptions.py: StopRequest). A launcher that hears of node preemptions (Ray) hands in
-a `preemption` probe, which every rank calls at each log interval: on a notice the loop writes a just-in-time
-checkpoint and raises distributed.interruptions.Preempted. Rank 0, the one writer, holds the run directory.
+_give_up_or_roll_back below). Whatever stops it early, a signal, the launcher's driver, a preemption notice,
+arrives as one Interruption that the loop asks for at each log interval, and a hung rank is ended by the watchdog
+beside the loop: distributed/interruptions.py says what follows each, distributed/watchdog.py how a hang is found.
+Rank 0, the one writer, holds the run directory.
 
 Read top to bottom: train() retries attempts after rollbacks; an attempt builds a Run (the networks, the data
 stream, the logs and the run's position, restored from the newest checkpoint) and steps it. After every step,
-each interval that the step crossed runs its named function: end_window (statistics, the stop agreement, the
-preemption probe), sample_grids, evaluate, save_checkpoint.
+each interval that the step crossed runs its named function: end_window (statistics, and the interruption the
+ranks agree on), sample_grids, evaluate, save_checkpoint. The loop marks its phases for the watchdog.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -33,13 +34,13 @@ from ..config import Config
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
 from ..distributed import context as dist
-from ..distributed.interruptions import Notice, Preempted, PreemptionProbe, StopProbe, Stopped, StopRequest
+from ..distributed import private_api, rendezvous, watchdog
+from ..distributed.interruptions import Interruption, Interrupts, PreemptionProbe, StopProbe, StopRequest
 from ..evaluate import during_training
 from . import health, perf, resume
 from .nets import Nets, build_nets, make_step
 from .runlog import RunLog
 from .step import STAT_NAMES
-from .stop import ignore_in_loader_workers
 
 HANDOVER_S = 60.0  # how long a distributed run's rank 0 waits for a previous attempt's rank 0 to let go of run_dir
 # Called on every rank at every checkpoint, with the file (rank 0) or None (other ranks) and the latest metrics.
@@ -60,19 +61,23 @@ def crossed(before: int, after: int, every: int) -> bool:
 
 
 def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: CheckpointHook | None = None,
-          preemption: PreemptionProbe | None = None, stop_probe: StopProbe | None = None) -> dict:
+          preemption: PreemptionProbe | None = None, stop_probe: StopProbe | None = None,
+          board: watchdog.Board | None = None) -> dict:
     """Run the training loop to cfg.train.images; return the last logged metrics (on every rank).
 
     A launcher hands in hooks: on_checkpoint after every checkpoint, preemption and stop_probe at every log
-    interval (all on every rank, equally often)."""
+    interval (all on every rank, equally often), and the board where the ranks' watchdogs meet."""
+    private_api.check(with_ray=False)  # torch's private parts as this code uses them, or an error naming them
     ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
     in_a_row = 0  # rollbacks since a checkpoint was last written: each one draws new latents
+    watch = _watchdog(cfg, ctx, board)
     try:
         with _run_dir_held(cfg, ctx), StopRequest() as stop:
+            interrupts = Interrupts(stop, stop_probe, preemption)
             while True:
-                run = Run.start(cfg, ctx, resume_from, in_a_row)
+                run = Run.start(cfg, ctx, resume_from, in_a_row, watch)
                 try:
-                    return run.train(stop, on_checkpoint, preemption, stop_probe)
+                    return run.train(interrupts, on_checkpoint)
                 except health.NonFinite as err:
                     in_a_row = 1 if run.checkpoints_written else in_a_row + 1
                     _give_up_or_roll_back(cfg, ctx, err, in_a_row)
@@ -80,7 +85,22 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
                 finally:
                     run.close()
     finally:
+        watch.stop()
         dist.shutdown(ctx)
+
+
+def _watchdog(cfg: Config, ctx: dist.Context, board: watchdog.Board | None) -> watchdog.Watchdog:
+    """This rank's hang watchdog, started; its board is the launcher's (Ray), else torchrun's store, else none."""
+    t = cfg.trainer
+    if board is None and ctx.world_size > 1:
+        address = rendezvous.store_board_address()
+        board = watchdog.StoreBoard(*address, ctx.world_size) if address else None
+    d = cfg.data
+    # A read that stalls gives up on its own (data.io_timeout per attempt, retries with backoff up to 1.5 x):
+    # the wait for data is allowed that long, so a stalled shard is skipped, not taken for a hang.
+    reads_s = d.io_timeout * (d.read_retries + 1) + 1.5 * d.retry_backoff * (2 ** d.read_retries - 1) + 5.0
+    limits = watchdog.Limits(t.hang_timeout_s, t.first_step_timeout_s, t.collective_timeout_s, reads_s)
+    return watchdog.Watchdog(limits, ctx.rank, ctx.world_size, rendezvous.where(), cfg.run_dir, board).start()
 
 
 @contextmanager
@@ -142,16 +162,18 @@ class Run:
     target: int                    # train.images rounded up to whole global batches
     fixed_z: torch.Tensor          # the sample grids' latents, the same for the whole run
     window: Window
+    watch: watchdog.Watchdog       # this rank's hang watchdog: the loop marks its phases
     log: RunLog | None = None      # rank 0 only
     evaluator: during_training.TrainingEval | None = None
-    watch: health.CollapseWatch = field(default_factory=health.CollapseWatch)
+    collapse: health.CollapseWatch = field(default_factory=health.CollapseWatch)
     metrics: dict = field(default_factory=dict)  # the last log interval's, on every rank
     checkpoints_written: int = 0
     began: float = field(default_factory=time.perf_counter)  # this attempt's start, for the done line
     _g_ema: tuple[int, nn.Module | None] | None = None  # (images, G_ema as sampled) for this step's users
 
     @classmethod
-    def start(cls, cfg: Config, ctx: dist.Context, resume_from: Path | None, extra_rollbacks: int) -> "Run":
+    def start(cls, cfg: Config, ctx: dist.Context, resume_from: Path | None, extra_rollbacks: int,
+              watch: watchdog.Watchdog) -> "Run":
         """Networks, data stream and logs, at the newest checkpoint's position (or at 0)."""
         device = ctx.device
         shards = resolve(cfg.data.shards)
@@ -162,7 +184,8 @@ class Run:
         cfg = perf.with_resolved(cfg, nets.resolved)
         position = StreamPosition(shards, cfg, ctx.world_size, at.data_step, at.consumed)
         loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=at.data_step,
-                             pin_memory=device.type == "cuda", worker_init_fn=ignore_in_loader_workers,
+                             pin_memory=device.type == "cuda",
+                             worker_init_fn=partial(watchdog.loader_worker_init, watch.loader_dumps),
                              start_consumed=position.consumed)
         per_step = cfg.train.batch_size * ctx.world_size
         target = at.images + max(0, math.ceil((cfg.train.images - at.images) / per_step)) * per_step
@@ -170,10 +193,12 @@ class Run:
                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
         run = cls(cfg, ctx, nets, step_fn, iter(loader), position, at.images, at.step, at.data_step,
                   at.rollbacks + extra_rollbacks, at.skipped, target, fixed_z,
-                  Window(torch.zeros(len(STAT_NAMES), device=device)), evaluator=evaluator)
+                  Window(torch.zeros(len(STAT_NAMES), device=device)), evaluator=evaluator, watch=watch)
+        watch.new_attempt()
         try:  # the loader's workers run from iter(loader) on: whatever fails now must shut them down (close)
             if ctx.is_main:
                 run.log = _open_log(cfg, nets, at, target)
+                watch.on_hang = lambda text, _lost: run.log.alarm(run.images, text)
             if run.log is not None and run.evaluator is not None:
                 run.log.message(run.evaluator.describe())
         except BaseException:
@@ -181,35 +206,27 @@ class Run:
             raise
         return run
 
-    def train(self, stop: StopRequest, on_checkpoint: CheckpointHook | None, preemption: PreemptionProbe | None,
-              stop_probe: StopProbe | None = None) -> dict:
-        """Step until the target; after each step, run every interval the step ended. The last metrics."""
+    def train(self, interrupts: Interrupts, on_checkpoint: CheckpointHook | None) -> dict:
+        """Step until the target; after each step, run every interval the step ended. The last metrics. An
+        interruption the ranks agreed on is raised after its checkpoint."""
         cfg, every = self.cfg, self.cfg.log
         while self.images < self.target:
             before = self.take_step()
             done = self.images >= self.target
-            # One process reads the signal flag every step; ranks agree on it through the interval's reduction.
-            stopping = self.ctx.world_size == 1 and bool(stop.signum)
-            notice = None
-            if crossed(before, self.images, every.every_images) or done or stopping:
-                if stop_probe is not None:
-                    stop.request(stop_probe(), "the launcher's driver")
-                stopping = self.end_window(stop) or stopping
-                if preemption is not None and not done:
-                    notice = self.probe(preemption)
-            if not stopping and (crossed(before, self.images, every.sample_every_images) or done):
+            interruption = None
+            # A single process asks its own signal flag every step; ranks ask at the interval, where they agree.
+            if crossed(before, self.images, every.every_images) or done or (
+                    self.ctx.world_size == 1 and interrupts.asked_here()):
+                interruption = self.end_window(interrupts, last=done)
+            if interruption is None and (crossed(before, self.images, every.sample_every_images) or done):
                 self.sample_grids()
-            if not stopping and self.evaluator is not None and (
+            if interruption is None and self.evaluator is not None and (
                     crossed(before, self.images, cfg.eval.every_images) or done):
                 self.evaluate()
-            if crossed(before, self.images, every.checkpoint_every_images) or done or stopping or notice:
+            if crossed(before, self.images, every.checkpoint_every_images) or done or interruption is not None:
                 self.save_checkpoint(on_checkpoint)
-            if notice is not None:
-                raise Preempted(notice, self.images)
-            if stopping:
-                raise Stopped(stop.signum, f"stopped by signal {stop.signum} at {self.images} images; checkpoint "
-                                           f"{checkpoint.path_for(cfg.run_dir, self.images)}; rerun the same "
-                                           f"command to resume")
+            if interruption is not None:
+                raise interruption.error(self.images, str(checkpoint.path_for(cfg.run_dir, self.images)))
         if self.log is not None:
             took = time.perf_counter() - self.began
             self.log.message(f"done: {self.images} images in {took:.0f} s. TensorBoard: tensorboard --logdir "
@@ -219,7 +236,9 @@ class Run:
 
     def take_step(self) -> int:
         """One GAN step on the stream's next batch; the image count before it."""
+        self.watch.mark(watchdog.DATA)
         images_u8, n_skipped, n_bad_shards = next(self.batches)
+        self.watch.mark(watchdog.STEP)
         device, fmt = self.ctx.device, perf.memory_format(self.nets.resolved.channels_last)
         if self.log is not None and self.images == 0:
             self.log.grid("real", pixels.from_uint8(images_u8[: self.cfg.log.grid_size], device), 0)
@@ -233,38 +252,37 @@ class Run:
         self.position.took(self.data_step, n_skipped)
         self.step, self.data_step = self.step + 1, self.data_step + 1
         before, self.images = self.images, self.images + self.cfg.train.batch_size * self.ctx.world_size
+        self.watch.stepped(self.images)
         return before
 
-    def end_window(self, stop: StopRequest) -> bool:
+    def end_window(self, interrupts: Interrupts, last: bool) -> Interruption | None:
         """The log interval's one host synchronisation: statistics averaged over steps and ranks, throughput summed,
-        the health checks, TensorBoard. Whether any rank was asked to stop."""
+        the health checks, TensorBoard. The interruption the ranks agree on, if any."""
         w, ctx = self.window, self.ctx
         elapsed = time.perf_counter() - w.began
         # One all-reduce of everything the interval needs from every rank, summed; named back on the host.
         host = {"data/skipped_samples": self.skipped[0], "data/skipped_shards": self.skipped[1],
-                "perf/images_per_sec": w.steps * self.cfg.train.batch_size / elapsed, "stop": float(bool(stop.signum))}
+                "perf/images_per_sec": w.steps * self.cfg.train.batch_size / elapsed}
+        signum = interrupts.request()
+        host.update({"stop/signal": float(signum), "stop/ranks": float(bool(signum))})
         summed = dist.all_reduce_sum(torch.cat([w.stat_sum / w.steps, torch.tensor(list(host.values()),
                                                                                     device=ctx.device)])).tolist()
         totals = dict(zip([*STAT_NAMES, *host], summed, strict=True))
         metrics = {name: totals[name] / ctx.world_size for name in STAT_NAMES}  # each rank's mean, averaged
         health.check_metrics(metrics, self.images)
-        metrics.update({name: totals[name] for name in host if name != "stop"})
+        metrics.update({name: totals[name] for name in host if not name.startswith("stop/")})
         metrics["perf/world_size"] = ctx.world_size
-        alarm = self.watch.update(metrics)
+        alarm = self.collapse.update(metrics)
         if self.log is not None:
             self.log.scalars(self.images, metrics)
             if alarm:
                 self.log.alarm(self.images, alarm)
         self.metrics = {**metrics, "images": self.images}
         w.restart()
-        return totals["stop"] > 0
-
-    def probe(self, preemption: PreemptionProbe) -> Notice | None:
-        """The launcher's preemption notice, if any (on every rank at the same step: a barrier under Ray)."""
-        notice = preemption()
-        if notice is not None and self.log is not None:
-            self.log.alarm(self.images, f"preemption notice: {notice}; writing a just-in-time checkpoint")
-        return notice
+        interruption = interrupts.at_interval(totals["stop/signal"], totals["stop/ranks"], last)
+        if interruption is not None and interruption.notice is not None and self.log is not None:
+            self.log.alarm(self.images, f"preemption notice: {interruption.notice}; writing a just-in-time checkpoint")
+        return interruption
 
     def g_ema(self) -> nn.Module | None:
         """G_ema as sampled (standing statistics under ema_bn=recompute), built at most once per step."""
@@ -290,17 +308,20 @@ class Run:
         """FID or coverage on every rank (each its share of the samples); rank 0 logs it and keeps best.pt."""
         began = time.perf_counter()
         nets = self.nets
+        self.watch.mark(watchdog.EVAL)
         self.evaluator(models.base_module(nets.G), self.g_ema(), models.base_module(nets.D), self.images, self.log)
         took, timeout = time.perf_counter() - began, self.cfg.trainer.collective_timeout_s
         if self.log is not None and self.ctx.world_size > 1 and took > timeout / 2:
             self.log.alarm(self.images, f"the evaluation took {took:.0f} s; at trainer.collective_timeout_s="
                                         f"{timeout:g} s a rank that finishes its share first may time out: raise "
                                         f"it, or lower eval.samples")
+        self.watch.mark(watchdog.INTERVAL)
 
     def save_checkpoint(self, on_checkpoint: CheckpointHook | None) -> None:
         """Rank 0 writes the record (checkpoint.py owns the format), after every rank checked its weights are
         finite; then every rank calls the launcher's hook."""
         nets, ctx = self.nets, self.ctx
+        self.watch.mark(watchdog.CHECKPOINT)
         G, D = models.base_module(nets.G), models.base_module(nets.D)
         # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
         bad = health.nonfinite_parameters({"G": G, "D": D, **({"G_ema": nets.ema.module} if nets.ema else {})})
@@ -325,14 +346,14 @@ class Run:
         dist.barrier(self.cfg.trainer.collective_timeout_s)
         if on_checkpoint is not None:
             on_checkpoint(path, self.metrics)
+        self.watch.mark(watchdog.INTERVAL)
 
     def close(self) -> None:
         """Shut the loader workers down now, gracefully, and close the logs. An exception's traceback keeps the
-        iterator alive until interpreter exit, where multiprocessing would SIGTERM workers that ignore it (stop.py)
+        iterator alive until interpreter exit, where multiprocessing would SIGTERM workers that ignore it
+        (interruptions.ignore_in_loader_workers)
         and wait forever."""
-        shutdown = getattr(self.batches, "_shutdown_workers", None)  # DataLoader's own clean shutdown
-        if shutdown is not None:
-            shutdown()
+        private_api.shut_down_loader_workers(self.batches)
         if self.log is not None:
             self.log.close()
 
