@@ -24,6 +24,7 @@ import pytest
 from dcgan_dist import checkpoint
 from dcgan_dist.distributed import processes
 from dcgan_dist.distributed.interruptions import EXIT_HUNG
+from multirank import free_port
 from tiny_run import TINY
 
 HANG_S = 6.0  # trainer.hang_timeout_s in these tests
@@ -79,17 +80,60 @@ def _ray_train(run_dir: Path, shards, images: int, *extra: str) -> list[str]:
             "data.read_retries=0", *extra]
 
 
+@pytest.fixture
+def one_node_of_two_cpus(ray_tmpdir):
+    """(cluster, ID of its one worker node) of a Ray cluster on this machine's loopback: a head with no CPU (the
+    driver's) and a node of 2 CPUs; the test may add nodes. Stopped afterwards."""
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    cluster = None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", ray_tmpdir)
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")  # Ray's processes and the driver: loopback
+        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "node_ip_address": "127.0.0.1", "num_cpus": 0, "gcs_server_port": free_port(),
+                "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
+                "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
+            node = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", dashboard_agent_listen_port=free_port())
+            cluster.wait_for_nodes()
+            yield cluster, node.node_id
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+
+
+def _rank_nodes(text: str) -> list[dict[int, str]]:
+    """Each attempt's rank -> Ray node ID, from the ranks' lines (ray_launch.worker_loop), in order."""
+    attempts: list[dict[int, str]] = []
+    for rank, node in re.findall(r"dcgan_dist: rank (\d+) is on Ray node ([0-9a-f]+)", text):
+        if not attempts or int(rank) in attempts[-1]:
+            attempts.append({})
+        attempts[-1][int(rank)] = node
+    return attempts
+
+
 @pytest.mark.ray
-def test_hung_ranks_under_ray_are_reported_within_the_timeout_and_the_run_ends_at_target(
-        mnist_shards, tmp_path, ray_tmpdir):
-    """Two hangs in one run of `python -m dcgan_dist.train trainer.num_workers=2`: after the first checkpoint one of
-    rank 1's loader workers is stopped with SIGSTOP (rank 1 waits for data, rank 0 in a collective); after the
-    restarted group's first checkpoint, rank 1's own process. Each time, within hang_timeout_s plus the report's
-    own seconds, rank 0's report names rank 1, why, and holds the stacks; rank 1's (when it can still run) names
-    its stopped loader worker; Ray restarts the group from the newest checkpoint (trainer.max_failures=2), and the
-    run ends at exactly train.images."""
+def test_hung_ranks_under_ray_are_reported_restarted_and_their_node_left_out(mnist_shards, tmp_path,
+                                                                             one_node_of_two_cpus):
+    """Two hangs in one run of `python -m dcgan_dist.train trainer.num_workers=2` on a cluster: after the first
+    checkpoint one of rank 1's loader workers is stopped with SIGSTOP (rank 1 waits for data, rank 0 in a
+    collective); after the restarted group's first checkpoint, rank 1's own process. Each time, within
+    hang_timeout_s plus the report's own seconds, rank 0's report names rank 1, why, and holds the stacks; rank 1's
+    (when it can still run) names its stopped loader worker; Ray restarts the group from the newest checkpoint
+    (trainer.max_failures=2). Both groups run on the cluster's one worker node; before the second hang a second
+    node joins; the first hung twice in a row, so the third group runs on the new one, and the run ends at exactly
+    train.images."""
+    cluster, first_node = one_node_of_two_cpus
+    address = cluster.address
     run_dir, log, images = tmp_path / "run", tmp_path / "driver.log", 12288
-    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = _start([sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={mnist_shards}",
                    *TINY, f"train.images={images}", "log.every_images=128", "log.checkpoint_every_images=512",
                    "trainer.num_workers=2", "trainer.max_failures=2", f"trainer.hang_timeout_s={HANG_S:g}",
@@ -104,6 +148,10 @@ def test_hung_ranks_under_ray_are_reported_within_the_timeout_and_the_run_ends_a
             pid = _wait_for(lambda: _rank_pids(log.read_text()).get(1) if attempt == 0 or
                             _rank_pids(log.read_text()).get(1) != victims[0][1] else None, 60, proc, log)
             victim = _loader_child(pid) if stop == "loader worker" else pid
+            if stop == "rank":  # somewhere to go once the first node is left out
+                second_node = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1",
+                                               dashboard_agent_listen_port=free_port()).node_id
+                cluster.wait_for_nodes()
             os.kill(victim, signal.SIGSTOP)
             stopped_at, before = time.monotonic(), set(hangs.glob("*-rank0.txt"))
             report = _wait_for(lambda: sorted(set(hangs.glob("*-rank0.txt")) - before), HANG_S + REPORT_S + 30,
@@ -116,12 +164,12 @@ def test_hung_ranks_under_ray_are_reported_within_the_timeout_and_the_run_ends_a
             _wait_for(lambda: log.read_text().count("resumed from") > resumed, 180, proc, log)
             timeline.append((stop, found_in[-1], time.monotonic() - stopped_at))
         proc.wait(300)
+        text = log.read_text()
+        assert proc.returncode == 0, text[-6000:]
         for stop, reported, restarted in timeline:  # docs/cluster.md "Hangs" gives these (pytest -s shows them)
             print(f"{stop} stopped: reported after {reported:.1f} s, the group restarted and resumed after "
                   f"{restarted:.1f} s")
         print(f"the whole run, two hangs included: {time.monotonic() - began:.0f} s")
-        text = log.read_text()
-        assert proc.returncode == 0, text[-6000:]
     finally:
         _end(proc)
         processes.send([v for v, _, _ in victims], signal.SIGKILL)
@@ -130,13 +178,17 @@ def test_hung_ranks_under_ray_are_reported_within_the_timeout_and_the_run_ends_a
     # Rank 0 waited in a collective both times; its reports name rank 1 as the one that did not arrive, and why.
     for report, pid, why in ((first, pid1, "waiting for its next batch"), (second, pid2, "no sign of life")):
         text_ = report.read_text()
-        assert re.search(rf"did not arrive: rank 1 \(node \S+, [\d.]+, pid {pid}, last step done at \d+ images\): "
-                         rf"{why}", text_), text_[:3000]
+        assert re.search(rf"did not arrive: rank 1 \(node \S+, [\d.]+, pid {pid}, Ray node [0-9a-f]+, last step "
+                         rf"done at \d+ images\): {why}", text_), text_[:3000]
         assert "every thread" in text_ and 'File "' in text_  # faulthandler's stacks of rank 0's threads
     # The first time rank 1 could still run: its own report has its stacks and names its stopped loader worker.
     rank1 = [r.read_text() for r in hangs.glob("*-rank1.txt")]
     assert any(f"child pid {worker} (stopped (T))" in r and "every thread" in r for r in rank1), rank1
     assert text.count("hang: did not arrive: rank 1") >= 2  # the terminal's alarm (rank 0's log), each time
+    # Where each group ran: the first two on the first node, which hung twice in a row; the third on the second.
+    groups = _rank_nodes(text)
+    assert [set(g.values()) for g in groups] == [{first_node}, {first_node}, {second_node}], groups
+    assert f"node {first_node[:12]} hung 2 times in a row: the next worker groups leave it out" in text
     final = checkpoint.load(checkpoint.latest(run_dir), map_location="cpu")
     assert final.images == images
     assert final.resume.geometry["world_size"] == 2
@@ -250,7 +302,13 @@ def test_the_allowance_follows_the_phase_the_first_steps_and_the_median_step(tmp
     dog.mark(w.STEP)
     assert dog.allowance() == 6.0
     dog.mark(w.EVAL)
-    assert dog.allowance() == 1800.0  # evaluation and checkpoints: trainer.collective_timeout_s
+    assert dog.allowance() == 1800.0  # the first evaluation (and checkpoint): trainer.collective_timeout_s
+    dog.since -= 3.0  # it took 3 s
+    dog.mark(w.INTERVAL)
+    dog.mark(w.EVAL)
+    assert 15.0 <= dog.allowance() < 15.5  # later ones: 5 x the longest before (a rank waits there for rank 0)
+    dog.mark(w.CHECKPOINT)
+    assert dog.allowance() == 1800.0
     dog.limits = w.Limits(0, 900.0, 1800.0, 40.0)
     assert dog.allowance() == float("inf") and dog.start()._threads == []  # 0: no watchdog
     dog.stop()

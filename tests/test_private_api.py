@@ -275,3 +275,21 @@ def test_base_module_unwraps_torch_compile():
     compiled = torch.compile(plain)
     assert models.base_module(compiled) is plain
     assert list(models.base_module(compiled).state_dict()) == ["weight", "bias"]
+
+
+def test_the_leave_out_callback_gives_the_controller_a_node_id_selector_and_survives_pickling():
+    """Ray Train's controller asks it before each worker group (ControllerCallback, DeveloperAPI): the nodes
+    named then are excluded through the node-ID label; none named, no selector. It crosses to the controller's
+    process by cloudpickle."""
+    import functools
+
+    import ray.cloudpickle
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    callback = private_api.leave_out_nodes_callback(functools.partial(sorted, ["b" * 56, "a" * 56]))
+    callback = ray.cloudpickle.loads(ray.cloudpickle.dumps(callback))
+    assert isinstance(callback, ControllerCallback)
+    assert callback.on_controller_start_worker_group(scaling_config=None, num_workers=2) == {
+        "ray.io/node-id": f"!in({'a' * 56}, {'b' * 56})"}
+    none = private_api.leave_out_nodes_callback(list)
+    assert none.on_controller_start_worker_group(scaling_config=None, num_workers=2) is None

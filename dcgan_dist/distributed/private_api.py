@@ -127,6 +127,42 @@ def shut_down_loader_workers(batches: Iterable) -> None:
         shutdown()
 
 
+# --- Ray Train V2: leaving nodes out of the next worker group ---------------------------------------------------
+# Why: a node whose rank hung twice in a row (watchdog.py) should get no rank in the next group, and get ranks
+# again once replaced (a new node has a new ID). Public API looked for: ScalingConfig(label_selector=...) is public
+# but fixed for the whole run; Ray has no call that changes a live node's labels or resources, and holding a node's
+# resources with a placeholder actor races with the group's own placement group. Train V2's ControllerCallback
+# (DeveloperAPI, in an _internal module; RunConfig(callbacks=...) hands it to the controller) is asked for a label
+# selector before every worker group starts: the one hook that can change where the next group goes. Checked on
+# Ray 2.60.0.
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its ID
+
+
+def leave_out_nodes_callback(left_out: Callable[[], list]) -> object:
+    """A callback for RunConfig(callbacks=[...]): before each worker group starts, the nodes left_out() names (Ray
+    node IDs, asked then) get none of its workers. left_out must pickle (the controller is another process)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class LeaveOutNodes(ControllerCallback):
+        def __init__(self, left_out):
+            self.left_out = left_out
+
+        def on_controller_start_worker_group(self, *, scaling_config, num_workers):
+            nodes = self.left_out()
+            return {NODE_ID_LABEL: f"!in({', '.join(nodes)})"} if nodes else None
+
+    return LeaveOutNodes(left_out)
+
+
+def _controller_callback() -> Optional[str]:
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+    if NODE_ID_LABEL_KEY != NODE_ID_LABEL:
+        return f"the node-ID label is {NODE_ID_LABEL_KEY!r}, not {NODE_ID_LABEL!r}"
+    return _params(ControllerCallback.on_controller_start_worker_group, ["self", "scaling_config", "num_workers"])
+
+
 # --- torch: NCCL's flight recorder, dumped when the hang watchdog fires -------------------------------------------
 # Why: a hang report should say which collective each rank is in. torch records the recent NCCL collectives when
 # TORCH_NCCL_TRACE_BUFFER_SIZE is set before the group forms (watchdog.nccl_tracing) and dumps them on its own
@@ -248,6 +284,8 @@ def _tick() -> Optional[str]:
 
 
 RAY_PROBES = (
+    ("ray.train.v2._internal.execution.callback.ControllerCallback.on_controller_start_worker_group",
+     _controller_callback),
     ("ray.train.torch.config._TorchBackend", _torch_backend),
     ("ray.train.v2._internal.execution.worker_group.execution_group.ExecutionGroup.execute", _execute),
     ("ray._private.ray_constants.ENABLE_RAY_CLUSTER", _cluster_switch),

@@ -170,16 +170,27 @@ def _hold(notice: Preempted, grace_s: float) -> None:
                        f"preemption deadline")
 
 
+# A node whose ranks hung this many times in a row gets no rank in the next worker group (until it is replaced).
+HANGS_TO_LEAVE_OUT = 2
+
+
 @ray.remote(num_cpus=0)
 class RunControl:
     """The driver's side of the run, for every rank to reach: the signal the driver was stopped with (read at each
-    log interval; 0: none) and the watchdogs' board (heartbeats, and the hangs they reported). On the driver's node,
-    so a frozen or lost worker node cannot take it down."""
+    log interval; 0: none), the watchdogs' board (heartbeats, and the hangs they report), and the nodes left out of
+    the next worker group. On the driver's node, so a frozen or lost worker node cannot take it down.
 
-    def __init__(self):
+    `need`: what the smallest group asks of the cluster ({"CPU": n, "GPU": m}): a node is left out only when the
+    other live nodes can still hold that, so that a run on too few nodes is never left waiting for ever."""
+
+    def __init__(self, need: dict | None = None):
         self.signum = 0
         self.beats: dict[int, dict] = {}
         self.hangs: list[dict] = []
+        self.need = need or {}
+        self.groups: set[str] = set()      # the worker groups whose hang is counted (every rank reports it)
+        self.in_a_row: dict[str, int] = {}  # node ID -> hangs in a row that named it
+        self.left_out: set[str] = set()
 
     def request(self, signum: int) -> None:
         self.signum = self.signum or signum
@@ -194,10 +205,42 @@ class RunControl:
         return self.beats
 
     def hung(self, report: dict) -> None:
+        """A rank's hang report: the first one of a worker group counts, for the nodes it names and against the
+        rest (a hang that named another node breaks a node's row)."""
         self.hangs.append(report)
+        if report.get("group") in self.groups:
+            return
+        self.groups.add(report.get("group"))
+        named = set(report.get("nodes") or [])
+        self.in_a_row = {node: self.in_a_row.get(node, 0) + 1 for node in named}
+        for node, count in self.in_a_row.items():
+            if count >= HANGS_TO_LEAVE_OUT and node not in self.left_out:
+                self._leave_out(node, count)
+
+    def _leave_out(self, node: str, count: int) -> None:
+        alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        rest = [res for nid, res in alive.items() if nid != node and nid not in self.left_out]
+        short = {k: n for k, n in self.need.items() if n > sum(res.get(k, 0) for res in rest)}
+        if short:
+            print(f"dcgan_dist.ray_launch: node {node[:12]} hung {count} times in a row, but the other nodes cannot "
+                  f"hold the group ({short} short): it stays in", flush=True)
+            return
+        self.left_out.add(node)
+        print(f"dcgan_dist.ray_launch: node {node[:12]} hung {count} times in a row: the next worker groups leave "
+              f"it out (a node that replaces it is used again)", flush=True)
+
+    def leave_out(self) -> list[str]:
+        """The nodes left out that are still alive (a dead one's replacement has an ID of its own)."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        return sorted(self.left_out & alive)
 
     def hang_reports(self) -> list[dict]:
         return self.hangs
+
+
+def _left_out(control_name: str) -> list[str]:
+    """In Ray Train's controller, before each worker group starts: the nodes to leave out."""
+    return ray.get(ray.get_actor(control_name).leave_out.remote(), timeout=30)
 
 
 def _stop_probe(control) -> int:
@@ -226,6 +269,9 @@ def worker_loop(loop_config: dict, loop: Loop) -> None:
     """Ray Train's per-worker function: the local training loop, resumed from Ray's latest checkpoint if any.
     A stop asked for by the driver ends it normally, after the checkpoint at the count reached."""
     cfg = config_mod.from_dict(loop_config["cfg"])
+    # The ID that Ray's commands and a hang report name this rank's node by.
+    print(f"dcgan_dist: rank {ray.train.get_context().get_world_rank()} is on Ray node "
+          f"{ray.get_runtime_context().get_node_id()}", flush=True)
     control = ray.get_actor(loop_config["control"])
     hooks = dict(on_checkpoint=_report, preemption=_preemption, stop_probe=partial(_stop_probe, control),
                  board=_ActorBoard(control))
@@ -311,6 +357,7 @@ def trainer_for(cfg: Config, loop: Loop, control: str) -> TorchTrainer:
                                          max_preemption_failures=t.max_preemption_failures,
                                          preemption_grace_s=t.preemption_grace_s),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.log.keep_checkpoints),
+            callbacks=[private_api.leave_out_nodes_callback(partial(_left_out, control))],
         ),
     )
 
@@ -400,7 +447,10 @@ def run(cfg: Config, loop: Loop) -> ray.train.Result:
     # Train's controller is, so that it outlives any worker node.
     name = f"dcgan-control-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    control = RunControl.options(name=name, scheduling_strategy=here).remote()
+    t = cfg.trainer
+    least = t.num_workers if t.min_workers is None else t.min_workers
+    need = {"CPU": least * t.cpus_per_worker, **({"GPU": least} if t.use_gpu else {})}
+    control = RunControl.options(name=name, scheduling_strategy=here).remote(need)
     # SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): passed on to every rank through the control actor,
     # so the ranks checkpoint at the count reached and return; a second one exits at once.
     with StopRequest("every rank writes a checkpoint at its next log interval, then the run stops",

@@ -36,10 +36,12 @@ from . import processes
 from .interruptions import EXIT_HUNG, ignore_in_loader_workers
 
 # Phases the loop marks. A step is "data" (waiting for the next batch) then "step"; "interval" is the log interval's
-# reduction and the sample grids; "eval" and "checkpoint" are allowed as long as a collective (they end in one).
+# reduction and the sample grids. The first "eval" and "checkpoint" are allowed as long as a collective (they end
+# in one); later ones LONG_PHASE_TIMES x the longest before them (a rank waits there for rank 0's write or upload).
 DATA, STEP, INTERVAL, EVAL, CHECKPOINT = "data", "step", "interval", "eval", "checkpoint"
 LONG_PHASES = (EVAL, CHECKPOINT)
 AUTO_FLOOR_S, AUTO_STEPS = 120.0, 20.0  # auto hang_timeout_s: the larger of 120 s and 20 x the median step
+LONG_PHASE_TIMES = 5.0
 WARMUP_STEPS = 3  # steps of each attempt under first_step_timeout_s: compilation, CUDA-graph capture, first reads
 LOADER_DUMP_SIGNAL = signal.SIGUSR1
 NCCL_TRACE_ENTRIES = "2000"  # TORCH_NCCL_TRACE_BUFFER_SIZE when the user set none: collectives kept for a dump
@@ -65,8 +67,14 @@ class Limits:
 
 def nccl_tracing() -> None:
     """Before the NCCL process group forms: keep a record of the recent collectives (torch's flight recorder), so
-    that a hang report can say which collective each rank is in. A setting the user made is kept."""
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", NCCL_TRACE_ENTRIES)
+    that a hang report can say which collective each rank is in. A setting the user made is kept. torch 2.8 renamed
+    the variable (the old name still works there, with a deprecation warning)."""
+    if "TORCH_FR_BUFFER_SIZE" in os.environ or "TORCH_NCCL_TRACE_BUFFER_SIZE" in os.environ:
+        return
+    import torch
+
+    renamed = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+    os.environ["TORCH_FR_BUFFER_SIZE" if renamed else "TORCH_NCCL_TRACE_BUFFER_SIZE"] = NCCL_TRACE_ENTRIES
 
 
 class Watchdog:
@@ -82,6 +90,7 @@ class Watchdog:
         self.last_step_at: float | None = None
         self.durations: deque[float] = deque(maxlen=101)
         self._step_began = self.since
+        self.longest: dict[str, float] = {}  # phase -> its longest time so far, for EVAL and CHECKPOINT
         self._seq = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -90,10 +99,13 @@ class Watchdog:
 
     # --- the loop's marks: a few attribute writes, no lock (one writer; the thread reads a consistent enough view)
     def mark(self, phase: str) -> None:
+        now = time.monotonic()
         if phase == DATA:
-            self._step_began = time.monotonic()
+            self._step_began = now
+        if self.phase in LONG_PHASES:
+            self.longest[self.phase] = max(self.longest.get(self.phase, 0.0), now - self.since)
         if phase in LONG_PHASES or self.phase in LONG_PHASES:
-            self.since = time.monotonic()  # a long phase has its own clock, and the step after it a full allowance
+            self.since = now  # a long phase has its own clock, and the step after it a full allowance
         self.phase = phase
 
     def stepped(self, images: int) -> None:
@@ -112,7 +124,13 @@ class Watchdog:
         if lim.hang_timeout_s == 0:
             return float("inf")
         if self.phase in LONG_PHASES:
-            return lim.long_phase_s
+            if self.phase not in self.longest:
+                return lim.long_phase_s
+            return max(self._step_allowance(), LONG_PHASE_TIMES * self.longest[self.phase])
+        return self._step_allowance()
+
+    def _step_allowance(self) -> float:
+        lim = self.limits
         if self.steps < WARMUP_STEPS:
             return max(lim.first_step_timeout_s, lim.hang_timeout_s or 0.0)
         step = lim.hang_timeout_s if lim.hang_timeout_s is not None else \
@@ -189,7 +207,7 @@ class Watchdog:
         if self.board is not None:
             try:
                 self.board.hung({"rank": self.rank, "culprits": ranks["culprits"], "nodes": ranks["nodes"],
-                                 "images": self.images, "stalled_s": stalled})
+                                 "images": self.images, "stalled_s": stalled, "group": _group()})
             except Exception:
                 pass
         if self.on_hang is not None:
@@ -202,7 +220,8 @@ class Watchdog:
     def _allowance_source(self) -> str:
         lim = self.limits
         if self.phase in LONG_PHASES:
-            return "trainer.collective_timeout_s"
+            return f"{LONG_PHASE_TIMES:g} x the longest {self.phase} before" if self.phase in self.longest else \
+                "trainer.collective_timeout_s, the first of its kind"
         if self.steps < WARMUP_STEPS:
             return "trainer.first_step_timeout_s, the first steps of an attempt"
         source = "trainer.hang_timeout_s" if lim.hang_timeout_s is not None else \
@@ -232,8 +251,9 @@ class Watchdog:
             if beat is None:
                 culprits.append(f"rank {rank}: never posted a heartbeat")
                 continue
-            where = (f"rank {rank} (node {beat.get('node', '?')}, {beat.get('address', '?')}, pid {beat.get('pid')}, "
-                     f"last step done at {beat.get('images')} images)")
+            ray_node = f", Ray node {beat['node_id']}" if beat.get("node_id") else ""
+            where = (f"rank {rank} (node {beat.get('node', '?')}, {beat.get('address', '?')}, pid {beat.get('pid')}"
+                     f"{ray_node}, last step done at {beat.get('images')} images)")
             before = first.get(rank)
             if before is not None and before.get("seq") == beat.get("seq"):
                 why = f"no sign of life for over {2.5 * self.beat_s():.0f} s (stopped, or stuck outside Python)"
@@ -283,6 +303,11 @@ class Watchdog:
         except OSError as err:
             print(f"dcgan_dist.watchdog: cannot write {path}: {err}", file=sys.stderr, flush=True)
             return None
+
+
+def _group() -> str:
+    """This worker group's rendezvous, which each start of a group (each attempt) has anew."""
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
 def _end_process(status: int) -> None:
