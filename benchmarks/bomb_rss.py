@@ -84,7 +84,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
 
 def trainer(shards: Path, run: Path, limit: int) -> list[str]:
     return [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run), f"data.shards={shards}",
-            "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=8", "model.resolution=32",
+            "data.builtin=null", "data.loader_workers=0", "data.shuffle_buffer=8", "model.resolution=32",
             "model.channels=3", "model.ngf=8", "model.ndf=8", "train.batch_size=8", "train.images=64",
             "train.device=cpu", "log.every_images=64", "log.sample_every_images=100000",
             "log.checkpoint_every_images=64", "log.grid_size=4", f"data.max_image_pixels={limit}"]
@@ -106,7 +106,7 @@ def main() -> None:
     print(f"machine: {_cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}; default limit "
           f"{MAX_IMAGE_PIXELS:,} pixels, lifted {LIFTED:,}")
     print(f"{'command':<34} {'input':<22} {'default: MiB':>13} {'s':>6} {'lifted: MiB':>12} {'s':>6}")
-    rows = [("train (data.num_workers=0)", trainer, "shards"), ("shard --keep-size --workers 1", shard_tool, "")]
+    rows = [("train (data.loader_workers=0)", trainer, "shards"), ("shard --keep-size --workers 1", shard_tool, "")]
     for label, command, suffix in rows:
         for name in ("photos", "jpeg bomb", "png bomb"):
             src = inputs[f"{name} {suffix}".strip()]

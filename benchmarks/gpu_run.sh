@@ -67,7 +67,7 @@ for mode in "true none" "true bf16"; do
   set -- $mode
   section "torchrun_graph_$1_compression_$2" 45 torchrun --standalone --nproc_per_node=1 -m dcgan_dist.train \
     --config configs/lsun_bedroom_64.yaml --run-dir "$scratch/nccl_run_$1_$2" data.shards="$scratch/photos" \
-    data.num_workers="$workers" model.ngf=64 model.ndf=64 model.kernel=4 model.z_prior=normal train.images=128000 \
+    data.loader_workers="$workers" model.ngf=64 model.ndf=64 model.kernel=4 model.z_prior=normal train.images=128000 \
     log.every_images=25600 log.sample_every_images=128000 log.checkpoint_every_images=128000 perf.cuda_graph=$1 \
     perf.grad_compression=$2
 done

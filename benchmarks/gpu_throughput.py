@@ -91,7 +91,7 @@ def data_pipeline_rate(cfg, shards_dir: Path, batches: int) -> float:
     shards = resolve(str(shards_dir))
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
     loader = iter(make_loader(shards, cfg, 0, 1, 0, pin_memory=device.type == "cuda"))
-    for _ in range(max(4, cfg.data.num_workers * 2)):  # start-up and first fill of the shuffle buffers
+    for _ in range(max(4, cfg.data.loader_workers * 2)):  # start-up and first fill of the shuffle buffers
         next(loader)
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -148,7 +148,7 @@ def model_rows(model: str, args, device, modes, steps, peak, scratch: Path) -> t
 
     for fmt, label in (("raw", "raw pixels"), ("jpg", "JPEG q95")):
         shards_dir = shards_for(scratch, fmt, 8000 if cuda else 2000, resolution)
-        data_cfg = bench_config(64, args.batch, device.type, *extra, f"data.num_workers={args.workers}",
+        data_cfg = bench_config(64, args.batch, device.type, *extra, f"data.loader_workers={args.workers}",
                                 "data.shuffle_buffer=1000")
         ips = data_pipeline_rate(data_cfg, shards_dir, 200 if cuda else 20)
         rows.append((f"(c) data pipeline alone, {label}, {args.workers} loader workers", ips, "-",
@@ -156,7 +156,7 @@ def model_rows(model: str, args, device, modes, steps, peak, scratch: Path) -> t
         e2e_images = args.e2e_images or (args.batch * 400 if cuda else args.batch * 12)
         run_dir = scratch / f"run-{model}-{fmt}"
         e2e_cfg = bench_config(64, args.batch, device.type, *extra, *MODES[best[0] or "fp32"],
-                               f"data.shards={shards_dir}", f"data.num_workers={args.workers}",
+                               f"data.shards={shards_dir}", f"data.loader_workers={args.workers}",
                                "data.shuffle_buffer=1000", f"train.images={e2e_images}",
                                f"log.every_images={e2e_images // 2}", f"log.sample_every_images={e2e_images}",
                                f"log.checkpoint_every_images={e2e_images}", f"run_dir={run_dir}")

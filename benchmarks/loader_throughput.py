@@ -71,7 +71,7 @@ def main() -> None:
                             "model.channels=3", "train.batch_size=128"] for name, (fmt, _) in FORMATS.items()}
         for name, (fmt, quality) in FORMATS.items():
             sizes[name] = write_set(Path(tmp) / fmt, images, fmt, quality)
-            one = config.load(None, [*overrides[name], "data.num_workers=0"])
+            one = config.load(None, [*overrides[name], "data.loader_workers=0"])
             streams[name] = warm(ShardStream(resolve(one.data.shards), one, 0, 1))
         # One core: the formats take turns, round after round, so that a machine whose speed drifts (shared
         # hosts do) slows them alike; the table gives each format's median and the ratio the median of the
@@ -80,7 +80,7 @@ def main() -> None:
             for name in FORMATS:
                 per_round[name].append(rate(streams[name], args.batches, 128))
         for name in FORMATS:
-            many = config.load(None, [*overrides[name], f"data.num_workers={cores}"])
+            many = config.load(None, [*overrides[name], f"data.loader_workers={cores}"])
             loader = make_loader(resolve(many.data.shards), many, 0, 1, 0, pin_memory=False)
             rows[name] = (statistics.median(per_round[name]), rate(warm(loader), args.batches, 128),
                           sizes[name] / args.images)

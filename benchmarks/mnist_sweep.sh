@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "from dcgan_dist.shard.run import builtin_shards; builtin_shards('mnist5k', 'shards/mnist5k')"
 run() {  # name, overrides...
   local name=$1; shift
-  python3 -m dcgan_dist.train --run-dir "$results/$name" data.num_workers=6 train.device=cuda \
+  python3 -m dcgan_dist.train --run-dir "$results/$name" data.loader_workers=6 train.device=cuda \
     log.every_images=50000 "$@" > "$results/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$results/$name.log"; }
 }
 run w32_150k_s0 train.images=150000 &

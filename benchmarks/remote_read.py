@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def _bench(local: Path, repeats: int) -> None:
-    cfg = config.load(None, ["data.builtin=null", "data.num_workers=0", "data.resample=false",
+    cfg = config.load(None, ["data.builtin=null", "data.loader_workers=0", "data.resample=false",
                              "data.shuffle_buffer=1000", "train.batch_size=64"])
 
     http_port, s3_port = _free_port(), _free_port()

@@ -25,9 +25,10 @@ from dcgan_dist.data.stream import StreamPosition, make_loader, steps_per_pass
 
 
 def first_batch_seconds(shards, cfg, start_step: int, consumed) -> float:
-    start = time.perf_counter()
-    next(iter(make_loader(shards, cfg, 0, 1, start_step=start_step, pin_memory=False, start_consumed=consumed)))
-    return time.perf_counter() - start
+    position = StreamPosition.at(shards, cfg, 1, start_step, consumed)
+    began = time.perf_counter()
+    next(iter(make_loader(shards, cfg, 0, 1, pin_memory=False, start=position)))
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -39,18 +40,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="resume-bench-") as tmp:
         shard_dir = photo_shards(Path(tmp) / "photos", args.images, 64)
         cfg = config.load(None, [f"data.shards={shard_dir}", "data.builtin=null", "model.resolution=64",
-                                 "model.channels=3", f"data.num_workers={args.workers}", "train.batch_size=128"])
+                                 "model.channels=3", f"data.loader_workers={args.workers}", "train.batch_size=128"])
         shards = resolve(cfg.data.shards)
         spp = steps_per_pass(shards, cfg, 1)
         mid = spp // 2
         # The raw-sample counts the trainer would have recorded by step `mid` (one uninterrupted read).
-        position = StreamPosition(shards, cfg, 1, 0, None)
-        loader = iter(make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False))
+        position = StreamPosition.at(shards, cfg, 1)
+        loader = iter(make_loader(shards, cfg, 0, 1, pin_memory=False))
         start = time.perf_counter()
         for step in range(spp):
             _, corrupt, _ = next(loader)
             if step < mid:
-                position.took(step, corrupt)
+                position.took(corrupt)
         pass_seconds = time.perf_counter() - start
         del loader
         rows = {"fresh start (pass offset 0)": (0, None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class DataConfig:
     size: Optional[int] = None      # images in the data set; read from manifest.json when that exists
     resample: bool = True           # draw shards with replacement (endless); False reads each once per pass
     shuffle_buffer: int = 2000      # samples held in each loader worker's shuffle buffer
-    num_workers: int = 2            # DataLoader worker processes per rank
+    loader_workers: int = 2         # DataLoader worker processes per rank (was data.num_workers)
     prefetch: int = 4               # batches each worker keeps ready
     read_retries: int = 3           # retries of a failed remote shard read before the shard is skipped and counted
     retry_backoff: float = 1.0      # seconds before the first retry; doubled for each later one (with jitter)
@@ -96,7 +97,7 @@ class TrainerConfig:
     num_workers: int = 0      # Ray Train workers; 0 runs in this process without Ray
     use_gpu: bool = False     # one GPU per worker and NCCL; false: CPU workers over gloo
     sync_bn: bool = False     # batchnorm statistics over the global batch (syncbn.py), for small per-rank batches
-    cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.num_workers loaders
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker: the trainer plus its data.loader_workers loaders
     max_failures: Optional[int] = None  # Ray FailureConfig: restarts of the worker group from the last checkpoint
                               # (-1: no limit); null: 3 for an elastic group (min_workers), 0 otherwise
     min_workers: Optional[int] = None  # elastic group of min_workers..num_workers ranks (docs/cluster.md); null: fixed
@@ -169,7 +170,7 @@ _IMAGES = 999_999_999_999
 _DAY = 86_400.0
 RANGES: dict[str, tuple] = {
     "model.nz": (1, 1024), "model.ngf": (1, 512), "model.ndf": (1, 512),
-    "data.size": (1, _IMAGES), "data.shuffle_buffer": (1, 1_000_000), "data.num_workers": (0, 64),
+    "data.size": (1, _IMAGES), "data.shuffle_buffer": (1, 1_000_000), "data.loader_workers": (0, 64),
     "data.prefetch": (1, 64), "data.read_retries": (0, 10), "data.retry_backoff": (0, 60.0),
     "data.io_timeout": ("<", 0, 3600.0), "data.max_image_pixels": (1, 1 << 36), "data.max_sample_bytes": (1, 1 << 40),
     "train.images": (1, _IMAGES), "train.batch_size": (1, 65_536), "train.lr_d": ("<", 0, "<", math.inf),
@@ -256,6 +257,25 @@ def find(name: str | Path | None) -> Path:
     raise ConfigError(f"config file {name} does not exist (shipped configs: {shipped})")
 
 
+# Keys renamed, old -> new: the old name keeps working, with one line saying so (a checkpoint or config.yaml that
+# an older version wrote is read silently).
+RENAMED = {"data.num_workers": "data.loader_workers"}  # beside trainer.num_workers (ranks) it read as the same
+
+
+def _renamed(data: DictConfig | dict, where: str | None) -> None:
+    """Move RENAMED keys of a mapping of sections to their new names, in place; say so when `where` is given."""
+    for old, new in RENAMED.items():
+        section, name = old.split(".")
+        part = data.get(section) if hasattr(data, "get") else None
+        if part is None or name not in part:
+            continue
+        value = part.pop(name)
+        if new.split(".")[1] not in part:
+            part[new.split(".")[1]] = value
+        if where is not None:
+            print(f"dcgan_dist: {where}: {old} is now {new} (the old name still works)", file=sys.stderr, flush=True)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema defaults, then the YAML file, then key=value overrides; raise ConfigError naming any bad key."""
     path = find(path)
@@ -272,11 +292,14 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(from_file, DictConfig):
             raise ConfigError(f"{path}: a config file holds a mapping of sections (model:, train:, ...), "
                               f"not a {type(from_file).__name__}")
+        _renamed(from_file, str(path))
         layers = [schema, from_file]
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        given = OmegaConf.from_dotlist(list(overrides or []))
+        _renamed(given, "override")
+        layers.append(given)
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
@@ -305,6 +328,8 @@ def from_dict(data: dict) -> Config:
     resolved, so an interpolation in one (`${oc.env:AWS_SECRET_ACCESS_KEY}` in a URL, which OmegaConf would
     resolve on access) is refused, and every size is checked against RANGES before anything is built from it."""
     _no_interpolation(data)
+    data = copy.deepcopy(data)
+    _renamed(data, None)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     except OmegaConfBaseException as err:

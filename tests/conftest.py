@@ -75,7 +75,7 @@ def hosts_share(mnist_shards):
 def tiny_cfg(mnist_shards, tmp_path):
     """A config that trains a narrow 32x32 greyscale DCGAN on the MNIST shards in a second or two."""
     return config.load(None, [
-        f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=200",
+        f"data.shards={mnist_shards}", "data.builtin=null", "data.loader_workers=0", "data.shuffle_buffer=200",
         "model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.images=320", "train.device=cpu",
         "log.every_images=64", "log.sample_every_images=160", "log.checkpoint_every_images=160",
         "log.grid_size=16", f"run_dir={tmp_path / 'run'}",

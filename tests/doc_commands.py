@@ -35,7 +35,7 @@ NOT_RUN = {
     'pip install -e ".[dev]" && python -m pytest -q':
         "the whole suite (about 10 minutes) plus an install from the index: it is what CI's .ci/run runs; a test "
         "inside the suite running the suite would recurse",
-    "python -m dcgan_dist.train --config configs/lsun_bedroom_64.yaml train.images=3000000 data.num_workers=8":
+    "python -m dcgan_dist.train --config configs/lsun_bedroom_64.yaml train.images=3000000 data.loader_workers=8":
         "needs LSUN bedroom shards at shards/lsun_bedroom (about 3 M images) and a GPU-sized run; "
         "tests/test_ray_version.py runs `--config configs/lsun_bedroom_64.yaml` from a checkout up to the data "
         "check, tests/test_gpu.py trains that config through the CLI on CUDA",

@@ -13,17 +13,20 @@ import torch
 
 from dcgan_dist import checkpoint, config
 from dcgan_dist.train.loop import train
+from helpers import assert_same_tensors
+from tiny_run import TINY
 
 
-TINY = ["data.builtin=null", "data.num_workers=0", "model.ngf=8", "model.ndf=8", "train.batch_size=16",
-        "train.device=cpu", "log.every_images=64", "log.sample_every_images=320", "log.checkpoint_every_images=160"]
+# The tiny model's run in this process and through the command line alike: checkpoints at 160 and 320 images.
+RUN = (*TINY, "data.loader_workers=0", "train.device=cpu", "log.every_images=64", "log.sample_every_images=320",
+       "log.checkpoint_every_images=160")
 
 
 @pytest.fixture(scope="module")
 def trained_once(mnist_shards, tmp_path_factory):
     """One real run of 320 images (checkpoints at 160 and 320), trained once for the module."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train(config.load(None, [f"data.shards={mnist_shards}", *TINY, "train.images=320", f"run_dir={run_dir}"]))
+    train(config.load(None, [f"data.shards={mnist_shards}", *RUN, "train.images=320", f"run_dir={run_dir}"]))
     return run_dir
 
 
@@ -53,7 +56,8 @@ def test_a_training_checkpoint_is_the_whole_record_and_round_trips(trained, tmp_
     again = checkpoint.save(record, tmp_path / "checkpoints" / "ckpt-000000000320.pt")
     copy = checkpoint.load(again, resumable=True)
     assert copy.to_file_dict().keys() == record.to_file_dict().keys()
-    assert all(torch.equal(v, copy.G[k]) for k, v in record.G.items()) and copy.resume.step == 20
+    assert_same_tensors(record.G, copy.G, "G")
+    assert copy.resume.step == 20
 
 
 @pytest.mark.parametrize("change, field, says", [
@@ -104,7 +108,7 @@ def test_a_checkpoint_from_before_the_format_number_resumes(trained, mnist_shard
     _rewrite(trained, trained, lambda s: (s.pop("format"), s.update(world_size=1)))
     assert checkpoint.load(trained, resumable=True).format == 1
     run_dir = trained.parent.parent
-    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", *TINY,
+    r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", *RUN,
                         "train.images=352", f"run_dir={run_dir}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {trained} at 320 images" in r.stdout, r.stdout + r.stderr
     assert re.search(r"^done: 352 images in \d+ s\. ", r.stdout, re.MULTILINE), r.stdout  # README's training time

@@ -119,7 +119,7 @@ def test_every_size_has_an_upper_bound_that_is_enforced(key):
 
 
 # Through the command line, three of the issue's examples (the walk above covers every key through load()).
-@pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "data.num_workers=-1"])
+@pytest.mark.parametrize("override", ["train.lr_d=-1", "train.beta1=1.5", "data.loader_workers=-1"])
 def test_cli_rejects_bad_values_with_status_2(override, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", override, f"run_dir={tmp_path / 'run'}"],
                        capture_output=True, text=True, timeout=120)
@@ -174,3 +174,19 @@ def test_a_bucket_run_dir_is_refused_naming_the_key(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "run_dir" in r.stderr and "storage_path" in r.stderr, r.stderr
     assert not (tmp_path / "s3:").exists()
+
+
+def test_a_renamed_key_keeps_working_with_one_line_saying_so(tmp_path, capsys):
+    """data.num_workers (loader processes per rank) read as trainer.num_workers (ranks): it is data.loader_workers
+    now. The old name, in a config file or an override, still works, with one line on stderr; a checkpoint's or
+    run's config written before the rename is read silently."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  num_workers: 5\n")
+    assert config.load(old, []).data.loader_workers == 5
+    assert config.load(None, ["data.num_workers=3"]).data.loader_workers == 3
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"dcgan_dist: {old}: data.num_workers is now data.loader_workers (the old name still works)",
+                    "dcgan_dist: override: data.num_workers is now data.loader_workers (the old name still works)"]
+    written = config.to_dict(config.load(None, []))
+    written["data"]["num_workers"] = written["data"].pop("loader_workers")
+    assert config.from_dict(written).data.loader_workers == 1 and capsys.readouterr().err == ""  # mnist_local's

@@ -8,12 +8,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dcgan_dist import config, pixels
 from dcgan_dist.data import stream
 from dcgan_dist.data.shardset import resolve
 from dcgan_dist.shard import writer
+from helpers import jpeg
 
 
 def _take(loader, n):
@@ -77,7 +77,7 @@ def test_evaluation_reads_open_only_the_shards_they_need(mnist_shards, monkeypat
 
 
 def test_batches_shape_range_and_pass_length(mnist_shards):
-    cfg = _cfg(mnist_shards, "data.num_workers=0")
+    cfg = _cfg(mnist_shards, "data.loader_workers=0")
     batches = stream.ShardStream(resolve(cfg.data.shards), cfg, rank=0, world_size=1)
     assert batches.steps_per_pass == 157  # ceil(5000 / 32)
     images, skipped, bad = next(iter(batches))
@@ -89,7 +89,7 @@ def test_batches_shape_range_and_pass_length(mnist_shards):
 
 
 def test_ranks_take_identical_step_counts(mnist_shards):
-    cfg = _cfg(mnist_shards, "data.num_workers=2")
+    cfg = _cfg(mnist_shards, "data.loader_workers=2")
     shards = resolve(cfg.data.shards)
     counts = {stream.ShardStream(shards, cfg, r, 3).steps_per_pass for r in range(3)}
     assert len(counts) == 1 and counts.pop() % 2 == 0  # same on every rank, a multiple of the loader workers
@@ -97,12 +97,13 @@ def test_ranks_take_identical_step_counts(mnist_shards):
 
 def test_resume_sees_exactly_the_same_batches(mnist_shards):
     """Batches from a loader restarted at step k equal steps k.. of an uninterrupted loader (2 workers)."""
-    cfg = _cfg(mnist_shards, "data.num_workers=2")
+    cfg = _cfg(mnist_shards, "data.loader_workers=2")
     shards = resolve(cfg.data.shards)
     spp = stream.steps_per_pass(shards, cfg, 1)
-    full = _take(stream.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp + 6)
+    full = _take(stream.make_loader(shards, cfg, 0, 1, pin_memory=False), spp + 6)
     for k in (3, spp - 1, spp + 1):  # mid-pass at an odd offset, just before and just after a pass boundary
-        resumed = _take(stream.make_loader(shards, cfg, 0, 1, start_step=k, pin_memory=False), 4)
+        resumed = _take(stream.make_loader(shards, cfg, 0, 1, pin_memory=False,
+                                                   start=stream.StreamPosition.at(shards, cfg, 1, k)), 4)
         for (a, _, _), (b, _, _) in zip(full[k:k + 4], resumed):
             assert torch.equal(a, b)
     assert not torch.equal(full[0][0], full[1][0])
@@ -121,19 +122,20 @@ def test_resume_passes_over_the_prefix_without_decoding_and_sees_the_same_batche
     samples = [(f"s{i:04d}", {"png": b"broken" if rng.random() < 0.15 else png}) for i, png in enumerate(pngs)]
     infos = [writer.write_shard(tmp_path / f"c-{k:06d}.tar", samples[k * 100:(k + 1) * 100]) for k in range(3)]
     writer.write_manifest(tmp_path, infos, source="test", options={})
-    cfg = _cfg(tmp_path, "data.num_workers=2", "data.shuffle_buffer=50")
+    cfg = _cfg(tmp_path, "data.loader_workers=2", "data.shuffle_buffer=50")
     shards = resolve(cfg.data.shards)
     spp = stream.steps_per_pass(shards, cfg, 1)
-    full = _take(stream.make_loader(shards, cfg, 0, 1, start_step=0, pin_memory=False), spp)
+    full = _take(stream.make_loader(shards, cfg, 0, 1, pin_memory=False), spp)
     k = spp // 2 + 1
-    position = stream.StreamPosition(shards, cfg, 1, 0, None)
-    for step, (_, corrupt, _) in enumerate(full[:k]):
-        position.took(step, corrupt)
+    position = stream.StreamPosition.at(shards, cfg, 1)
+    for _, corrupt, _ in full[:k]:
+        position.took(corrupt)
+    assert position.data_step == k
     decoded = []
     real_decode = images_mod.decode_image
     stream.decode_image = lambda *a: decoded.append(1) or real_decode(*a)  # counts decodes (0 workers below)
     try:
-        one = stream.ShardStream(shards, cfg, 0, 1, start_step=k, start_consumed=position.consumed)
+        one = stream.ShardStream(shards, cfg, 0, 1, start=position)
         resumed = []
         for worker in (0, 1):  # both virtual streams in this process, as the two loader workers would run them
             it = _as_worker(one, worker)
@@ -158,15 +160,15 @@ def _as_worker(ds, worker):
 
 def test_same_seed_same_stream_other_seed_other_stream(mnist_shards):
     shards = resolve(str(mnist_shards))
-    a = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
-    b = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0"), 0, 1)))[0]
-    c = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.num_workers=0", "train.seed=1"), 0, 1)))[0]
+    a = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.loader_workers=0"), 0, 1)))[0]
+    b = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.loader_workers=0"), 0, 1)))[0]
+    c = next(iter(stream.ShardStream(shards, _cfg(mnist_shards, "data.loader_workers=0", "train.seed=1"), 0, 1)))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_every_pass_reads_every_shard_once_in_a_new_order(mnist_shards, monkeypatch):
     opened = _opened_shards(monkeypatch)
-    cfg = _cfg(mnist_shards, "data.num_workers=0", "data.resample=false", "train.batch_size=250")
+    cfg = _cfg(mnist_shards, "data.loader_workers=0", "data.resample=false", "train.batch_size=250")
     ds = stream.ShardStream(resolve(cfg.data.shards), cfg, rank=0, world_size=1)
     batches, orders = iter(ds), []
     for _ in range(3):
@@ -177,22 +179,16 @@ def test_every_pass_reads_every_shard_once_in_a_new_order(mnist_shards, monkeypa
     assert len({tuple(order) for order in orders}) == 3  # a pass that reused another's order would repeat it
 
 
-def _jpeg(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     rng = np.random.default_rng(0)
-    good = [_jpeg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(6)]
+    good = [jpeg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(6)]
     samples = [("truncated", {"jpg": good[0][: len(good[0]) // 3]}), ("garbage", {"png": b"not a png"}),
                ("empty", {"jpg": b""}), ("nofield", {"txt": b"hello"})]  # first, so the first batch meets them
     samples += [(f"good{i}", {"jpg": g}) for i, g in enumerate(good)]
     info = writer.write_shard(tmp_path / "mixed-000000.tar", samples)
     writer.write_manifest(tmp_path, [info], source="test", options={})
     cfg = config.load(None, [f"data.shards={tmp_path}", "model.resolution=32", "model.channels=3",
-                             "train.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=1"])
+                             "train.batch_size=6", "data.loader_workers=0", "data.shuffle_buffer=1"])
     images, skipped, bad = next(iter(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1)))
     assert images.shape == (6, 32, 32, 3)  # 48x64 images centre-cropped and resized to 32x32
     assert skipped == 4 and bad == 0
@@ -205,7 +201,7 @@ def test_unreadable_shard_is_skipped_and_counted(tmp_path, mnist_shards):
     (tmp_path / "a-000001.tar").write_bytes(b"this is not a tar file at all" * 100)
     cfg = config.load(None, [f"data.shards={tmp_path}/a-{{000000..000001}}.tar", "data.size=500",
                              "model.resolution=32", "model.channels=1", "train.batch_size=50",
-                             "data.num_workers=0", "data.shuffle_buffer=10"])
+                             "data.loader_workers=0", "data.shuffle_buffer=10"])
     batches = _take(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1), 10)
     assert sum(b for _, _, b in batches) >= 1
     assert all(x.shape == (50, 32, 32, 1) for x, _, _ in batches)
@@ -214,7 +210,7 @@ def test_unreadable_shard_is_skipped_and_counted(tmp_path, mnist_shards):
 def test_no_readable_shard_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "bad-000000.tar").write_bytes(b"\0" * 10)
     cfg = config.load(None, [f"data.shards={tmp_path}", "data.size=10", "train.batch_size=2",
-                             "data.num_workers=0"])
+                             "data.loader_workers=0"])
     with pytest.raises(RuntimeError, match="no readable sample"):
         next(iter(stream.ShardStream(resolve(cfg.data.shards), cfg, 0, 1)))
 
@@ -246,3 +242,23 @@ def test_tar_reader_matches_tarfile_and_catches_every_damaged_header_byte(tmp_pa
         damaged[header + offset] ^= 0x5A
         with pytest.raises(ValueError):  # TarError for the checksum, ValueError for a mangled octal field
             list(tarread.members(io.BytesIO(bytes(damaged))))
+
+
+class _WorkerIds(torch.utils.data.IterableDataset):
+    """Each loader worker yields its id, endlessly."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        while True:
+            yield info.id
+
+
+def test_the_dataloader_hands_out_its_workers_batches_in_turn():
+    """StreamPosition (data/stream.py) relies on it: batch j after a start came from worker j % workers, whatever
+    worker was quicker. If a torch release changes that order, the recorded stream position is wrong: this fails."""
+    loader = torch.utils.data.DataLoader(_WorkerIds(), batch_size=None, num_workers=3, prefetch_factor=2)
+    it = iter(loader)
+    try:
+        assert [int(next(it)) for _ in range(12)] == [j % 3 for j in range(12)]
+    finally:
+        del it

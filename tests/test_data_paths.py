@@ -19,6 +19,7 @@ from PIL import Image
 from dcgan_dist import checkpoint
 from dcgan_dist.data.manifest import MANIFEST
 from dcgan_dist.data.shardset import resolve
+from helpers import jpeg
 from tiny_run import train_cli
 
 
@@ -61,19 +62,13 @@ def test_img2dataset_layout_trains_unchanged(tmp_path):
     path.parent.mkdir()
     with tarfile.open(path, "w") as tar:
         for i, img in enumerate(x):
-            for field, data in (("jpg", _jpeg(img)), ("txt", b"a caption"), ("json", json.dumps({"i": i}).encode())):
+            for field, data in (("jpg", jpeg(img)), ("txt", b"a caption"), ("json", json.dumps({"i": i}).encode())):
                 info = tarfile.TarInfo(f"00000/{i:09d}.v2.{field}")  # key '00000/00000000i', field 'v2.jpg'
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     r = train_cli(tmp_path / "run", tmp_path / "i2d", images=32)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipping sample" not in r.stderr
-
-
-def _jpeg(arr) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def test_our_shards_read_by_webdataset(mnist_shards):
@@ -112,7 +107,7 @@ def test_shards_where_nothing_decodes_stop_with_an_error(tmp_path, workers):
             for i in range(20):
                 sink.write({"__key__": f"s{i}", "jpg": b"not a jpeg" if i % 2 else b"", "txt": b"x"}
                            if k == 0 else {"__key__": f"s{i}", "txt": b"caption only"})
-    r = train_cli(tmp_path / "run", d, f"data.num_workers={workers}", timeout=120)
+    r = train_cli(tmp_path / "run", d, f"data.loader_workers={workers}", timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "none of the first" in r.stderr and "bad-00000" in r.stderr and "first reasons" in r.stderr
 

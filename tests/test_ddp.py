@@ -19,7 +19,6 @@ from dcgan_dist.data import stream
 from dcgan_dist.data.load import load_labelled
 from dcgan_dist.data.shardset import resolve
 from dcgan_dist.distributed import context as dist
-from dcgan_dist.models import base_module
 from dcgan_dist.shard import writer
 from dcgan_dist.train.nets import build_nets, make_step
 from multirank import free_port, run_ranks
@@ -40,7 +39,7 @@ def _inputs(cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
             z.to(dtype).view(STEPS, 2 * PER_RANK, -1))
 
 
-def _train(cfg, ctx: dist.Context, dtype) -> dict:
+def _train_steps(cfg, ctx: dist.Context, dtype) -> dict:
     """STEPS steps built as train() builds them (SyncBN conversion, DDP options) on this rank's rows of each batch;
     the final G and D states and the initial ones."""
     nets = build_nets(cfg, ctx)
@@ -53,14 +52,14 @@ def _train(cfg, ctx: dist.Context, dtype) -> dict:
     for i, (real, z) in enumerate(zip(*_inputs(cfg, dtype))):
         nets.ema.prepare(i * 2 * PER_RANK)  # as the loop does: images seen before the step
         step(real[rows], z[rows])
-    return {"G": base_module(nets.G).state_dict(), "D": base_module(nets.D).state_dict(),
+    return {"G": nets.G.state_dict(), "D": nets.D.state_dict(),
             "G_ema": nets.ema.module.state_dict(), "initial": initial}
 
 
 def _ddp_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
     cfg = config.from_dict(cfg_dict)
     ctx = dist.init("cpu")
-    return {dtype: _train(cfg, ctx, dtype) for dtype in TOLERANCE}
+    return {dtype: _train_steps(cfg, ctx, dtype) for dtype in TOLERANCE}
 
 
 def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
@@ -71,7 +70,7 @@ def test_two_ranks_with_syncbn_equal_one_process_with_double_batch(tiny_cfg):
     ranks = run_ranks(_ddp_rank, 2, config.to_dict(tiny_cfg))
     single = dist.Context(0, 1, 0, torch.device("cpu"))
     for dtype, tol in TOLERANCE.items():
-        ref = _train(tiny_cfg, single, dtype)
+        ref = _train_steps(tiny_cfg, single, dtype)
         moved = 0.0
         for name in ("G", "D", "G_ema"):
             for key, want in ref[name].items():
@@ -102,11 +101,11 @@ def _compression_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
         nets = build_nets(cfg, ctx)
         make_step(nets, cfg, ctx)
         x = torch.randn(PER_RANK, 1, 32, 32, generator=torch.Generator().manual_seed(rank))
-        with nets.D.no_sync():
-            nets.D(x).sum().backward()
+        with nets.D_wrapped.no_sync():
+            nets.D_wrapped(x).sum().backward()
         local = [p.grad.clone() for p in nets.D.parameters()]
         nets.opt_d.zero_grad(set_to_none=False)
-        nets.D(x).sum().backward()
+        nets.D_wrapped(x).sum().backward()
         out[compression] = {"local": local, "averaged": [p.grad.clone() for p in nets.D.parameters()]}
     return out
 
@@ -155,7 +154,7 @@ def _data_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
     cfg = config.from_dict(cfg_dict)
     shards = resolve(cfg.data.shards)
     per_pass = stream.steps_per_pass(shards, cfg, world_size)
-    loader = stream.make_loader(shards, cfg, rank, world_size, start_step=0, pin_memory=False)
+    loader = stream.make_loader(shards, cfg, rank, world_size, pin_memory=False)
     ids, steps = [], 0
     for images, _, _ in loader:
         # The collective every training step makes: a rank that ran out of batches would hang the other here.
@@ -173,7 +172,7 @@ def test_three_shards_two_ranks_two_loader_workers_read_each_sample_once(tmp_pat
     sizes = (30, 30, 23)
     _write_numbered_shards(tmp_path / "ids", sizes)
     cfg = config.load(None, [f"data.shards={tmp_path / 'ids'}", "data.builtin=null", "data.resample=false",
-                             "data.num_workers=2", "data.shuffle_buffer=8", "train.batch_size=2",
+                             "data.loader_workers=2", "data.shuffle_buffer=8", "train.batch_size=2",
                              "model.resolution=32", "model.channels=1"])
     ranks = run_ranks(_data_rank, 2, config.to_dict(cfg), timeout=90)
     per_pass = ranks[0]["per_pass"]

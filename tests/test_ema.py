@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint, config, models
 from dcgan_dist.train import ema
 from dcgan_dist.train.loop import train
+from helpers import assert_same_weights, events
 
 
 def test_half_life_rule_and_ramp_up():
@@ -87,15 +87,12 @@ def test_g_ema_is_an_observer_and_is_saved_beside_g(tiny_cfg, tmp_path):
     train(tiny_cfg)
     train(_variant(tiny_cfg, tmp_path / "no_ema", ema_images=0))
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (tiny_cfg.run_dir, tmp_path / "no_ema"))
-    for net in ("G", "D"):
-        for k, v in getattr(a, net).items():
-            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k}: G_ema changed training"
+    assert_same_weights(a, b)  # else G_ema changed training
     assert a.G_ema is not None and b.G_ema is None
     assert any(not torch.equal(a.G_ema[k], a.G[k]) for k in a.G)
 
     # TensorBoard shows G and G_ema side by side at every sample interval; the PNG is G_ema's.
-    acc = EventAccumulator(str(tiny_cfg.run_dir + "/tb"), size_guidance={"images": 0})
-    acc.Reload()
+    acc = events(tiny_cfg.run_dir)
     assert [e.step for e in acc.Images("samples/fixed_noise_ema")] == [160, 320]
     assert [e.step for e in acc.Images("samples/fixed_noise")] == [160, 320]
 

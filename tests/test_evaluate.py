@@ -25,7 +25,7 @@ from dcgan_dist.train.loop import train
 
 def _train(shards, run_dir, width: int, images: int, batch: int, extra=()) -> Path:
     cfg = config.load(None, [
-        f"data.shards={shards}", "data.builtin=null", "data.num_workers=0", "data.shuffle_buffer=500",
+        f"data.shards={shards}", "data.builtin=null", "data.loader_workers=0", "data.shuffle_buffer=500",
         f"model.ngf={width}", f"model.ndf={width}", f"train.batch_size={batch}", f"train.images={images}",
         "train.device=cpu", f"log.every_images={images}", f"log.sample_every_images={images}",
         f"log.checkpoint_every_images={images}", "log.grid_size=16", f"run_dir={run_dir}", *extra,

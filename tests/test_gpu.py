@@ -7,6 +7,7 @@ reason where torch sees no CUDA device. tests/test_host_reads.py pins down on th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_graphed_step_matches_the_eager_step_and_replays_a_new_g_ema_beta_each_s
     initial = _flat(graphed.G)
     assert torch.equal(initial, _flat(eager.G))
     graph_step = make_step(graphed, cfg, ctx)
-    eager.graphed = False  # the same nets, optimizers and precision, stepped without a graph
+    eager.resolved = dataclasses.replace(eager.resolved, cuda_graph=False)  # the same nets, optimizers and
+    # precision, stepped without a graph
     eager_step = make_step(eager, cfg, ctx)
     gen = torch.Generator(device="cuda").manual_seed(1)
     n = cfg.train.batch_size

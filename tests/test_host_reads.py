@@ -9,6 +9,7 @@ the same op sequence finds the next host read anyone adds to the step, before a 
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 import warnings
 from dataclasses import replace
@@ -107,9 +108,10 @@ def _count_step_reads(cfg, ctx: Context, warmup: int = 2, counted: int = 3) -> H
 def make_step_eager(nets, cfg, ctx):
     """What CudaGraphStep warms up with and then captures: make_step's wrappers (DDP under a process group), then
     gan_step with the nets' optimizers, precision and G_ema."""
-    graphed, nets.graphed = nets.graphed, False  # make_step would build a CudaGraphStep, which needs CUDA
+    resolved = nets.resolved  # make_step would build a CudaGraphStep, which needs CUDA
+    nets.resolved = dataclasses.replace(resolved, cuda_graph=False)
     eager = make_step(nets, cfg, ctx)
-    nets.graphed = graphed
+    nets.resolved = resolved
     return eager
 
 

@@ -54,7 +54,7 @@ def test_wheel_runs_the_main_job_from_another_folder(tmp_path):
     assert module_file.startswith(str(site)) and config_dir == str(site / "dcgan_dist" / "configs")
     # The main job with the default config, only shrunk: shards and run directory land in this folder.
     r = run("-m", "dcgan_dist.train", "train.images=64", "train.batch_size=32", "model.ngf=8", "model.ndf=8",
-            "data.num_workers=0", "log.every_images=32", "log.sample_every_images=64",
+            "data.loader_workers=0", "log.every_images=32", "log.sample_every_images=64",
             "log.checkpoint_every_images=32", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (work / "shards" / "mnist5k" / "manifest.json").exists()

@@ -17,6 +17,8 @@ from dcgan_dist.data.manifest import MANIFEST
 from dcgan_dist.data.shardset import resolve
 from dcgan_dist.data.stream import ShardStream
 from dcgan_dist.shard import writer
+from helpers import assert_same_weights
+from tiny_run import train_cli
 
 
 def _cmd(module, *args, timeout=300):
@@ -60,7 +62,7 @@ def test_a_raw_sample_of_the_wrong_size_is_caught(tmp_path):
 
 def _batches(shards, n):
     cfg = config.load(None, [f"data.shards={shards}", "data.builtin=null", "model.resolution=32",
-                             "model.channels=3", "train.batch_size=16", "data.num_workers=0",
+                             "model.channels=3", "train.batch_size=16", "data.loader_workers=0",
                              "data.shuffle_buffer=50"])
     it = iter(ShardStream(resolve(cfg.data.shards), cfg, 0, 1))
     return [next(it) for _ in range(n)]
@@ -96,7 +98,7 @@ def test_the_loader_reuses_its_heap(raw_shards):
         "from dcgan_dist.data.shardset import resolve\n"
         "from dcgan_dist.data.stream import ShardStream\n"
         f"cfg = config.load(None, ['data.shards={raw_shards}', 'data.builtin=null', 'model.resolution=32', "
-        "'model.channels=1', 'train.batch_size=256', 'data.num_workers=0'])\n"
+        "'model.channels=1', 'train.batch_size=256', 'data.loader_workers=0'])\n"
         "it = iter(ShardStream(resolve(cfg.data.shards), cfg, 0, 1))\n"
         "[next(it) for _ in range(20)]\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -117,11 +119,9 @@ def test_the_loader_reuses_its_heap(raw_shards):
 def test_training_on_raw_shards_resumes_bit_identically(raw_shards, tmp_path):
     """Raw shards, and bf16 autocast on the CPU (what perf.amp=auto picks on CPUs with native bf16): a run stopped
     and resumed ends with the weights of an uninterrupted one."""
-    def train(run, images):
-        return _cmd("dcgan_dist.train", "--run-dir", str(run), f"data.shards={raw_shards}", "data.builtin=null",
-                    "model.ngf=16", "model.ndf=16", "train.batch_size=16", f"train.images={images}",
-                    "log.every_images=160", "log.sample_every_images=100000", "log.checkpoint_every_images=320",
-                    "perf.amp=bf16")
+    def train(run, images):  # the tiny run 16 wide, in bf16
+        return train_cli(run, raw_shards, "model.ngf=16", "model.ndf=16", "log.every_images=160",
+                         "log.checkpoint_every_images=320", "perf.amp=bf16", images=images)
 
     assert train(tmp_path / "straight", 640).returncode == 0
     first = train(tmp_path / "twice", 320)
@@ -131,6 +131,4 @@ def test_training_on_raw_shards_resumes_bit_identically(raw_shards, tmp_path):
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "twice"))
     assert a.images == b.images == 640
-    for net in ("G", "D"):
-        for k, v in getattr(a, net).items():
-            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k}"
+    assert_same_weights(a, b)

@@ -221,7 +221,7 @@ def test_ray_job_stop_checkpoints_the_count_reached_and_the_same_job_resumes(two
     run_dir = tmp_path / "job-run"
     every, periodic, target = 10 * GLOBAL_BATCH, 100 * GLOBAL_BATCH, 150 * GLOBAL_BATCH
     overrides = [
-        f"data.shards={mnist_shards}", "data.builtin=null", "data.num_workers=1", "data.shuffle_buffer=200",
+        f"data.shards={mnist_shards}", "data.builtin=null", "data.loader_workers=1", "data.shuffle_buffer=200",
         "model.ngf=8", "model.ndf=8", "train.batch_size=16", f"train.images={target}", "train.device=cpu",
         f"log.every_images={every}", f"log.sample_every_images={target}", f"log.checkpoint_every_images={periodic}",
         "log.grid_size=16", f"run_dir={run_dir}", "trainer.num_workers=2", "trainer.sync_bn=true",
@@ -299,7 +299,7 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
     every, periodic = 8 * GLOBAL_BATCH, 25 * GLOBAL_BATCH  # never the same image count before 6400
     target = 400 * GLOBAL_BATCH
     command = [sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
-               "data.num_workers=0", "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", "train.batch_size=16",
+               "data.loader_workers=0", "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", "train.batch_size=16",
                f"train.images={target}", "train.device=cpu", f"log.every_images={every}",
                f"log.sample_every_images={target}", f"log.checkpoint_every_images={periodic}", "log.grid_size=16",
                f"run_dir={run_dir}", "trainer.num_workers=2", "trainer.min_workers=1", "trainer.sync_bn=true",

@@ -8,8 +8,9 @@ name resolves to 127.0.0.1, as Debian's and Ubuntu's to 127.0.1.1, so the traini
 choice (distributed/rendezvous.py). The test process is "your machine", with HOME set to a temporary folder
 holding the auth token. Only the machine facts of cluster/local.yaml are overlaid (head_ip, worker_ips, auth, and
 setup commands that activate the environment installed here instead of making one and mounting NFS: the hosts
-share /var/tmp, which stands in for the shared file system); its start commands, file mounts and token handling
-run as written, and the commands are the ones docs/cluster.md gives, with no extra environment.
+share /var/tmp, which stands in for the shared file system; they also set Ray's health checks, as
+tests/test_hosts.py does, see HEALTH_CHECKS); its start commands, file mounts and token handling run as written,
+and the commands are the ones docs/cluster.md gives, with no extra environment on your machine.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ RAY_CLI = str(Path(sys.executable).with_name("ray"))
 VENV = Path(sys.executable).parent.parent
 DASHBOARD = "http://127.0.0.1:8265"  # `ray dashboard`'s tunnel to the head's loopback (docs/cluster.md)
 BATCH = 16
+# The hosts' environment (their ~/.bashrc, which every command of the launcher sources): the head's GCS declares a
+# node dead after health checks every 1 s, 5 missed in a row, as tests/test_hosts.py's cluster does. Ray's defaults
+# (every 3 s, 5 missed after a 10 s timeout) took 65 s to declare the cut worker host's node dead, a third of the
+# test; the partition, its healing and what `ray down` leaves are the same either way.
+HEALTH_CHECKS = "RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=1000 RAY_health_check_failure_threshold=5"
 
 
 def _overlaid(head: Host, workers: list[Host]) -> dict:
@@ -56,8 +62,8 @@ def _overlaid(head: Host, workers: list[Host]) -> dict:
     # Ray runs every command in a login shell that sources ~/.bashrc: the installed environment on its PATH
     # there, as the YAML's own venv step does with ~/venv.
     config["setup_commands"] = [
-        f"grep -q {VENV}/bin/activate ~/.bashrc || echo '. {VENV}/bin/activate; export RAY_USAGE_STATS_ENABLED=0' "
-        f">> ~/.bashrc"]
+        f"grep -q {VENV}/bin/activate ~/.bashrc || echo '. {VENV}/bin/activate; export RAY_USAGE_STATS_ENABLED=0 "
+        f"{HEALTH_CHECKS}' >> ~/.bashrc"]
     return config
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint
 from dcgan_dist.data import storage
@@ -29,6 +28,7 @@ from dcgan_dist.shard import writer
 from dcgan_dist.shard.cli import main as shard_main
 from dcgan_dist.train.loop import train
 from doc_commands import documented
+from helpers import LocalServer, assert_same_tensors, scalars
 
 N_SHARDS, PER_SHARD = 8, 32
 
@@ -92,33 +92,23 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class ShardServer(http.server.ThreadingHTTPServer):
+class ShardServer(LocalServer):
     daemon_threads = True
 
     def __init__(self, directory: Path, missing=(), cut=None, stall=(), stall_s=2.0):
-        handler = lambda *a, **kw: FaultyHandler(*a, directory=str(directory), **kw)  # noqa: E731
-        super().__init__(("127.0.0.1", 0), handler)
+        super().__init__(lambda *a, **kw: FaultyHandler(*a, directory=str(directory), **kw))
         self.missing, self.cut, self.stall, self.stall_s = set(missing), dict(cut or {}), set(stall), stall_s
         self.lock = threading.Lock()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/"
 
     def handle_error(self, request, client_address):
         pass  # a client that gave up on a stalled response: expected here
-
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
 
 
 def _cfg(tiny_cfg, shards: str, run_dir: Path, **data_overrides):
     cfg = copy.deepcopy(tiny_cfg)
     cfg.data.shards = shards
     cfg.data.resample = False  # every shard is read once per pass: a faulty shard is always met
-    cfg.data.num_workers = 1   # remote reads in a forked loader worker, as on the cluster
+    cfg.data.loader_workers = 1   # remote reads in a forked loader worker, as on the cluster
     cfg.data.retry_backoff = 0.01
     for key, value in data_overrides.items():
         setattr(cfg.data, key, value)
@@ -128,10 +118,6 @@ def _cfg(tiny_cfg, shards: str, run_dir: Path, **data_overrides):
 
 def _final_g(run_dir: Path) -> dict:
     return checkpoint.load(checkpoint.latest(run_dir)).G
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +146,7 @@ def test_cut_connections_are_retried_and_resume_on_the_same_sample(small_shards,
     assert "retry 1 of 3" in err and re.search(r"failed after [1-9][0-9]* samples", err)  # cut mid-shard
     assert metrics["images"] == tiny_cfg.train.images and metrics["data/skipped_shards"] == 0
     # Retries resumed exactly where the cut fell: the same batches as from local disk, so the same weights.
-    assert _same_weights(_final_g(tmp_path / "run"), reference_g)
+    assert_same_tensors(_final_g(tmp_path / "run"), reference_g, "G")
 
 
 def test_missing_and_stalled_shards_are_skipped_and_counted(small_shards, tiny_cfg, tmp_path, capfd):
@@ -175,8 +161,7 @@ def test_missing_and_stalled_shards_are_skipped_and_counted(small_shards, tiny_c
     assert f"skipping shard {srv.url}{stalled}" in err and "retry 1 of 1" in err
     assert metrics["images"] == tiny_cfg.train.images
     assert metrics["data/skipped_shards"] >= 2
-    acc = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
-    assert acc.Scalars("data/skipped_shards")[-1].value == metrics["data/skipped_shards"]
+    assert scalars(tmp_path / "run", "data/skipped_shards")[-1][1] == metrics["data/skipped_shards"]
     assert elapsed < 30
 
 
@@ -241,7 +226,7 @@ def test_train_from_s3_and_resume(s3_bucket, tiny_cfg, tmp_path, reference_g):
     assert train(first)["images"] == first.train.images
     metrics = train(_cfg(tiny_cfg, s3_bucket, run))  # resumes from the checkpoint at half way
     assert metrics["images"] == tiny_cfg.train.images and metrics["data/skipped_shards"] == 0
-    assert _same_weights(_final_g(run), reference_g)
+    assert_same_tensors(_final_g(run), reference_g, "G")
 
     # evaluate's labelled loader reads through the same resolve and reader
     images, labels = load_labelled(s3_bucket, resolution=32, channels=1, limit=40)

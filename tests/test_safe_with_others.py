@@ -5,65 +5,33 @@ directory, SIGHUP and a killed writer's temporaries: tests/test_survival.py.)"""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 
 from PIL import Image
 
 from dcgan_dist.data.manifest import MANIFEST
+from helpers import FileSite
 from tiny_run import train_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _train(run_dir, shards, *extra):
-    return train_cli(run_dir, shards, "train.device=cpu", *extra, env=ENV)
-
-
-class _Site(http.server.BaseHTTPRequestHandler):
-    """A web server holding a shard set under /set/ and, outside it, /x.tar; it records every path asked for."""
-    files: dict[str, bytes] = {}
-    seen: list[str] = []
-
-    def do_GET(self):  # noqa: N802 (the standard library's name)
-        _Site.seen.append(self.path)
-        body = _Site.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_manifest_name_that_escapes_once_percent_decoded_is_refused(mnist_shards, tmp_path):
     """`%2e%2e/x.tar` passed the '..' check and the HTTP client normalised it to /x.tar, outside the set."""
     entry = {"name": "%2e%2e/x.tar", "count": 500}
-    _Site.files = {"/set/" + MANIFEST: json.dumps({"shards": [entry], "total": 500}).encode(),
-                   "/x.tar": (mnist_shards / "mnist5k-000000.tar").read_bytes()}
-    _Site.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Site)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        manifest = f"http://127.0.0.1:{server.server_address[1]}/set/{MANIFEST}"
-        r = _train(tmp_path / "run", manifest.removesuffix(MANIFEST), "data.num_workers=0")
-    finally:
-        server.shutdown()
+    # A shard set under /set/ and, outside it, /x.tar.
+    with FileSite({"/set/" + MANIFEST: json.dumps({"shards": [entry], "total": 500}).encode(),
+                   "/x.tar": (mnist_shards / "mnist5k-000000.tar").read_bytes()}) as site:
+        manifest = f"{site.url}set/{MANIFEST}"
+        r = train_cli(tmp_path / "run", manifest.removesuffix(MANIFEST), "train.device=cpu", "data.loader_workers=0",
+                      env=ENV)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"{manifest}: shards[0] {json.dumps(entry)}" in r.stderr and "percent-decoded" in r.stderr, r.stderr
-    assert _Site.seen and all(p == "/set/" + MANIFEST for p in _Site.seen), _Site.seen
+    assert site.seen and all(p == "/set/" + MANIFEST for p in site.seen), site.seen
     assert not (tmp_path / "run").exists()
 
 
@@ -71,7 +39,7 @@ def test_evaluate_replaces_a_link_planted_at_an_output_name_and_leaves_its_targe
     """`eval/<ckpt>/interpolate.json -> ~/.bashrc` planted by someone who can write there: the command's outputs
     replace the links; what they pointed at is unchanged."""
     run = tmp_path / "run"
-    assert _train(run, mnist_shards, "data.num_workers=0").returncode == 0
+    assert train_cli(run, mnist_shards, "train.device=cpu", "data.loader_workers=0", env=ENV).returncode == 0
     out = run / "eval" / "ckpt-000000000064"
     out.mkdir(parents=True)
     targets = {}
@@ -95,7 +63,7 @@ def test_pipe_commands_started_by_loader_workers_end_on_sigterm_and_sigint(mnist
     in what they exec: each `pipe:` command records the signals it ignores (/proc's SigIgn mask) as it starts."""
     record = tmp_path / "sigign"
     shards = f"pipe:grep SigIgn /proc/self/status >> {record}; cat {mnist_shards}/mnist5k-{{000000..000001}}.tar"
-    r = _train(tmp_path / "run", shards, "data.num_workers=2", "data.size=1000")
+    r = train_cli(tmp_path / "run", shards, "train.device=cpu", "data.loader_workers=2", "data.size=1000", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     masks = [int(line.split()[1], 16) for line in record.read_text().splitlines()]
     ignored = [signal.Signals(s).name for m in masks for s in (signal.SIGTERM, signal.SIGINT) if m >> (s - 1) & 1]

@@ -20,33 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist import checkpoint, files
 from dcgan_dist.distributed.processes import processes
+from helpers import assert_same_weights, scalars
+from tiny_run import exact_resume_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 IMAGES = 960
 
 
 def _cli(run_dir, shards, images=IMAGES, *extra):
-    return [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir), f"data.shards={shards}",
-            "data.builtin=null", "data.num_workers=2", "data.shuffle_buffer=200", "model.ngf=16", "model.ndf=16",
-            "train.batch_size=16", f"train.images={images}", "train.device=cpu", "log.every_images=160",
-            "log.sample_every_images=100000", "log.checkpoint_every_images=320", "log.keep_checkpoints=100",
-            *extra]
+    return exact_resume_command(run_dir, shards, images, "log.checkpoint_every_images=320", *extra)
 
 
 def _run(args, timeout=300):
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def _same_weights(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
-    for net in ("G", "D"):
-        for k, v in getattr(a, net).items():
-            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k} differs"
-    for k, v in a.resume.opt_D["state"].items():
-        assert torch.equal(v["exp_avg_sq"], b.resume.opt_D["state"][k]["exp_avg_sq"])
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +73,8 @@ def test_sigterm_checkpoints_at_the_current_count_and_resumes_bit_identical(mnis
     assert resumed.returncode == 0, resumed.stderr
     final = checkpoint.load(checkpoint.latest(run))
     assert final.images == IMAGES
-    _same_weights(straight, final)
-    steps = [e.step for e in EventAccumulator(str(run / "tb")).Reload().Scalars("loss/D")]
+    assert_same_weights(straight, final, moments=("opt_D", "exp_avg_sq"))
+    steps = [step for step, _ in scalars(run, "loss/D")]
     assert steps == sorted(set(steps)), "TensorBoard shows some steps twice after the resume"
 
 
@@ -144,12 +133,12 @@ def test_forced_divergence_is_caught_and_only_finite_checkpoints_remain(mnist_sh
 def test_two_ranks_then_one_rank_ends_at_exactly_train_images(mnist_shards, tmp_path):
     """Written by 2 ranks (torchrun, gloo) at 320 images, resumed by 1 rank: ends at exactly train.images."""
     run = tmp_path / "run"
-    base = _cli(run, mnist_shards, 320, "data.num_workers=0")[3:]  # without `python -m dcgan_dist.train`
+    base = _cli(run, mnist_shards, 320, "data.loader_workers=0")[3:]  # without `python -m dcgan_dist.train`
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "dcgan_dist.train", *base], timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert checkpoint.load(checkpoint.latest(run)).resume.geometry["world_size"] == 2
-    one = _run(_cli(run, mnist_shards, 640, "data.num_workers=0"))
+    one = _run(_cli(run, mnist_shards, 640, "data.loader_workers=0"))
     assert one.returncode == 0, one.stderr
     assert "the data stream starts a fresh pass" in one.stdout
     assert [checkpoint.images_of(p) for p in checkpoint.list_checkpoints(run)] == [320, 640]
@@ -194,7 +183,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(mnist_shards, tm
     assert r.returncode == 0, r.stderr
     assert f"cannot read checkpoint {newest}" in r.stderr and "trying the checkpoint before it" in r.stderr
     assert "resumed from" in r.stdout and "ckpt-000000000320.pt" in r.stdout
-    _same_weights(straight, checkpoint.load(checkpoint.latest(run)))
+    assert_same_weights(straight, checkpoint.load(checkpoint.latest(run)), moments=("opt_D", "exp_avg_sq"))
 
 
 def test_milestone_checkpoints_are_kept_beside_the_newest(mnist_shards, tmp_path):
@@ -304,7 +293,7 @@ def test_sighup_from_a_closed_terminal_checkpoints_at_the_count_reached_and_resu
     said += resumed.stdout.read()  # to the end (communicate() would miss what readline buffered)
     assert resumed.wait(timeout=240) == 0, said[-3000:]
     assert f"resumed from {checkpoint.path_for(run, stopped_at)}" in said, said[-3000:]
-    _same_weights(straight, checkpoint.load(checkpoint.latest(run)))
+    assert_same_weights(straight, checkpoint.load(checkpoint.latest(run)), moments=("opt_D", "exp_avg_sq"))
 
 
 def test_a_start_that_fails_after_the_loader_workers_began_still_ends(mnist_shards, tmp_path):
@@ -313,7 +302,7 @@ def test_a_start_that_fails_after_the_loader_workers_began_still_ends(mnist_shar
     run = tmp_path / "run"
     (run / "config.yaml").mkdir(parents=True)  # config.yaml cannot be written
     r = subprocess.run([sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
-                        "data.num_workers=2", f"run_dir={run}", "train.images=640"],
+                        "data.loader_workers=2", f"run_dir={run}", "train.images=640"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "config.yaml" in r.stderr, r.stderr
     assert not [p for p in run.iterdir() if files.TMP_TAG in p.name]

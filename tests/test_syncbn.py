@@ -7,6 +7,7 @@ from torch import nn
 
 from dcgan_dist import models
 from dcgan_dist.distributed import syncbn
+from helpers import assert_same_tensors
 from multirank import run_ranks
 
 C, PER_RANK = 6, 4
@@ -120,9 +121,7 @@ def test_convert_replaces_every_batchnorm_and_keeps_state(tiny_cfg):
         assert n_bn > 0
         assert sum(isinstance(m, syncbn.AllReduceBatchNorm) for m in converted.modules()) == n_bn
         assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-        after = converted.state_dict()
-        assert after.keys() == before.keys()
-        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert_same_tensors(converted.state_dict(), before, type(plain).__name__)
 
 
 def test_single_process_matches_batchnorm(tiny_cfg):

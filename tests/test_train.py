@@ -11,24 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from dcgan_dist import checkpoint, config, files
 from dcgan_dist.train.loop import train
 from dcgan_dist.train.step import STAT_NAMES
-
-
-def _events(run_dir):
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
+from helpers import assert_same_tensors, assert_same_weights, events, scalars
+from tiny_run import exact_resume_command
 
 
 def test_tiny_run_writes_events_samples_and_checkpoints(tiny_cfg):
     metrics = train(tiny_cfg)
     run = Path(tiny_cfg.run_dir)
-    acc = _events(run)
+    acc = events(run)
     tags = acc.Tags()
     for name in (*STAT_NAMES, "perf/images_per_sec", "perf/world_size", "data/skipped_samples", "data/skipped_shards"):
         assert name in tags["scalars"], name
@@ -117,7 +112,7 @@ def test_a_rollback_draws_new_latents(tiny_cfg):
     _train_with_a_nan_in_a_batchnorm_buffer(tiny_cfg)
     (a160, a320), (b160, b320) = ([checkpoint.load(checkpoint.path_for(c.run_dir, n)).G for n in (160, 320)]
                                   for c in (undisturbed, tiny_cfg))
-    assert all(torch.equal(v, b160[k]) for k, v in a160.items()), "the runs differ before the NaN"
+    assert_same_tensors(a160, b160, "G before the NaN")
     assert not all(torch.equal(v, b320[k]) for k, v in a320.items() if v.is_floating_point()), \
         "the rollback repeated the steps with the latents it had drawn before"
 
@@ -130,11 +125,7 @@ def test_rerun_of_finished_run_resumes_and_does_nothing(tiny_cfg):
 
 
 def _cli(run_dir, shards, images):
-    return [sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir),
-            f"data.shards={shards}", "data.builtin=null", "data.num_workers=2", "data.shuffle_buffer=200",
-            "model.ngf=16", "model.ndf=16", "train.batch_size=16", f"train.images={images}", "train.device=cpu",
-            "log.every_images=160", "log.sample_every_images=100000", "log.checkpoint_every_images=160",
-            "log.keep_checkpoints=100"]
+    return exact_resume_command(run_dir, shards, images, "log.checkpoint_every_images=160")
 
 
 def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
@@ -164,11 +155,8 @@ def test_killed_run_resumes_to_identical_weights(mnist_shards, tmp_path):
     a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
     b = checkpoint.load(checkpoint.latest(killed))
     assert a.images == b.images == 1600
-    for net in ("G", "D", "G_ema"):  # G_ema's average and its standing statistics too
-        for k, v in getattr(a, net).items():
-            assert torch.equal(v, getattr(b, net)[k]), f"{net}.{k} differs after resume"
-    for k, v in a.resume.opt_G["state"].items():
-        assert torch.equal(v["exp_avg"], b.resume.opt_G["state"][k]["exp_avg"])
+    # G_ema's average and its standing statistics too
+    assert_same_weights(a, b, nets=("G", "D", "G_ema"), moments=("opt_G", "exp_avg"))
 
 
 def test_sample_cli_writes_grid_and_npz(tiny_cfg, tmp_path):
@@ -212,8 +200,7 @@ def test_pipe_urls_train_and_failed_commands_are_skipped(mnist_shards, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "exited with status 1" in r.stderr and "skipping shard pipe:cat" in r.stderr
     assert checkpoint.latest(tmp_path / "run").name == "ckpt-000000000320.pt"
-    scalars = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
-    assert scalars.Scalars("data/skipped_shards")[-1].value >= 1
+    assert scalars(tmp_path / "run", "data/skipped_shards")[-1][1] >= 1
 
 
 def test_resolved_perf_settings_are_printed_and_saved(tiny_cfg, capsys):

@@ -4,11 +4,9 @@ a user types with a checkpoint forged the way an attacker would write one."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 
 from dcgan_dist import checkpoint, config, models
 from dcgan_dist.evaluate import fid
+from helpers import FileSite
 
 
 def _forge(path: Path, built_with: dict | None = None, claimed: dict | None = None) -> Path:
@@ -61,27 +60,11 @@ def test_a_checkpoints_pipe_command_is_never_run(tmp_path):
         assert "data.shards" in r.stderr and "--shards" in r.stderr and "Traceback" not in r.stderr
 
 
-class _Counting(http.server.BaseHTTPRequestHandler):
-    seen: list[str] = []
-
-    def do_GET(self):  # noqa: N802 (the standard library's name)
-        _Counting.seen.append(self.path)
-        self.send_error(404)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_checkpoints_url_is_never_fetched_nor_its_interpolation_resolved(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with FileSite() as site:  # no files: 404 for every path, and each one recorded
         leaky = _forge(tmp_path / "leaky.pt",
-                       claimed={"data.shards": base + "/${oc.env:DCGAN_TEST_SECRET}/{0..1}.tar"})
-        plain = _forge(tmp_path / "url.pt", claimed={"data.shards": base + "/shards-{0..1}.tar"})
+                       claimed={"data.shards": site.url + "${oc.env:DCGAN_TEST_SECRET}/{0..1}.tar"})
+        plain = _forge(tmp_path / "url.pt", claimed={"data.shards": site.url + "shards-{0..1}.tar"})
         env = {"DCGAN_TEST_SECRET": "hunter2"}
         r, _ = _run(["dcgan_dist.evaluate", "nearest", str(leaky), "--n", "4"], cwd=tmp_path, env=env)
         assert r.returncode == 2 and "data.shards" in r.stderr and "interpolation" in r.stderr, r.stderr
@@ -91,9 +74,7 @@ def test_a_checkpoints_url_is_never_fetched_nor_its_interpolation_resolved(tmp_p
         assert r.returncode != 0 and "data.shards" in r.stderr and "Traceback" not in r.stderr, r.stderr
         r, _ = _run(["dcgan_dist.evaluate", "nearest", str(plain), "--n", "4"], cwd=tmp_path)
         assert r.returncode == 2 and "--shards" in r.stderr, r.stderr
-        assert _Counting.seen == []
-    finally:
-        server.shutdown()
+        assert site.seen == []
 
 
 def test_a_checkpoints_local_shards_are_used_and_named(tmp_path, mnist_shards):

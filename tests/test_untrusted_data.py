@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcgan_dist.data.images import encode
 from dcgan_dist.shard import writer
+from helpers import scalars
+from tiny_run import train_cli
 
 import shard_data
 
@@ -55,15 +56,9 @@ def photos(n: int) -> list[bytes]:
     return [encode(arr, "jpg", 90) for arr in shard_data.distinct_images(n, side=48)]
 
 
-def _train(shards: Path, run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A tiny run of the trainer's command line (8 steps of 8 32 x 32 RGB images)."""
-    return subprocess.run([sys.executable, "-m", "dcgan_dist.train", "--run-dir", str(run_dir),
-                           f"data.shards={shards}", "data.builtin=null", "data.num_workers=0",
-                           "data.shuffle_buffer=4", "model.resolution=32", "model.channels=3", "model.ngf=8",
-                           "model.ndf=8", "train.batch_size=8", "train.images=64", "train.device=cpu",
-                           "log.every_images=32", "log.sample_every_images=100000",
-                           "log.checkpoint_every_images=64", "log.grid_size=4", *overrides],
-                          capture_output=True, text=True, timeout=timeout)
+# The tiny run (tiny_run.train_cli) on 32 x 32 RGB images: 8 steps of 8.
+RGB_RUN = ("data.loader_workers=0", "data.shuffle_buffer=4", "model.resolution=32", "model.channels=3",
+           "train.batch_size=8", "train.device=cpu", "log.grid_size=4")
 
 
 def _shard(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -84,13 +79,12 @@ def test_trainer_skips_and_counts_images_over_the_limits_undecoded(tmp_path):
                ("bomb_png", {"png": png_declaring(12000, 12000)}),  # under PIL's own refusal, which only warns
                ("too_big", {"png": noise_png()})]
     writer.write_shard(shard, hostile + [(f"good{i}", {"jpg": p}) for i, p in enumerate(photos(12))])
-    r = _train(shard.parent, tmp_path / "run", "data.max_sample_bytes=150000")
+    r = train_cli(tmp_path / "run", shard.parent, *RGB_RUN, "data.max_sample_bytes=150000")
     assert r.returncode == 0, r.stderr[-3000:]
     for key, why in (("bomb_jpeg", BOMB), ("bomb_png", "12,000 x 12,000 = 144,000,000 pixels, over the limit"),
                      ("too_big", "sample larger than the limit of 150,000 bytes (data.max_sample_bytes)")):
         assert f"skipping sample {key!r} in {shard}: BadImage: {why}" in r.stderr, key
-    skipped = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Scalars("data/skipped_samples")
-    assert sum(s.value for s in skipped) >= 3
+    assert sum(value for _, value in scalars(tmp_path / "run", "data/skipped_samples")) >= 3
 
 
 def test_shard_tool_follows_no_link_out_or_round_and_reads_only_regular_files(tmp_path):
@@ -168,7 +162,7 @@ def test_trainer_start_up_names_shards_with_impossible_member_sizes(tmp_path):
     writer.write_shard(shards / "good-000000.tar", [(f"{i:06d}", {"jpg": p}) for i, p in enumerate(photos(16))])
     for name, (size, _) in IMPOSSIBLE.items():
         _shard_with_member_size(shards / f"{name}-000000.tar", size)
-    r = _train(shards, tmp_path / "run", timeout=120)  # counting shards took for ever
+    r = train_cli(tmp_path / "run", shards, *RGB_RUN, timeout=120)  # counting shards took for ever
     assert r.returncode == 0, r.stderr[-3000:]
     for name, (_, says) in IMPOSSIBLE.items():
         assert f"cannot count the samples of {shards / name}-000000.tar" in r.stderr

@@ -2,8 +2,8 @@
 
 The stream is endless and cut into passes of a fixed number of steps, identical on every rank, so no rank ever
 waits in a collective for another. Batch i of a pass always holds the same images whatever the number of restarts:
-pass p is made of `num_workers` virtual streams, each seeded by (seed, p, rank, stream), and batch i comes from
-stream i % num_workers. A resumed run maps its loader workers onto those streams and fast-forwards, so a killed
+pass p is made of `data.loader_workers` virtual streams, each seeded by (seed, p, rank, stream), and batch i comes from
+stream i % loader_workers. A resumed run maps its loader workers onto those streams and fast-forwards, so a killed
 and resumed run sees exactly the batches an uninterrupted one would have.
 
 Batches are uint8 (N, H, W, C), as decoders produce them; the transposition and the conversion to floats in
@@ -51,8 +51,8 @@ class _Tally:
 class ShardStream(IterableDataset):
     """Endless batches for one rank: (uint8 images, corrupt samples skipped, shards skipped since the last)."""
 
-    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int = 0,
-                 start_consumed: list[int] | None = None):
+    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world_size: int,
+                 start: "StreamPosition | None" = None):
         self.shards = shards
         self.rank, self.world_size = rank, world_size
         self.batch_size = cfg.train.batch_size
@@ -63,11 +63,12 @@ class ShardStream(IterableDataset):
         self.read_options = {"retries": cfg.data.read_retries, "backoff": cfg.data.retry_backoff,
                              "timeout": cfg.data.io_timeout, "max_bytes": cfg.data.max_sample_bytes}
         self.max_pixels = cfg.data.max_image_pixels
-        self.streams = max(1, cfg.data.num_workers)
+        self.streams = max(1, cfg.data.loader_workers)
         self.steps_per_pass = steps_per_pass(shards, cfg, world_size)
-        self.start_step = start_step
-        # Raw samples each virtual stream has taken in the start pass (consumed_by_stream): resume without decoding.
-        self.start_consumed = start_consumed if start_consumed and len(start_consumed) == self.streams else None
+        start = start or StreamPosition(self.steps_per_pass, self.streams, self.batch_size)
+        self.start_step = start.data_step
+        # Raw samples each virtual stream has taken in the start pass: resume without decoding them.
+        self.start_consumed = start.consumed
 
     # -- which samples a virtual stream reads in one pass ---------------------------------------------------
     def _rounds(self, pass_idx: int, stream: int, rng: random.Random
@@ -200,10 +201,7 @@ class ShardStream(IterableDataset):
         size = self.shards.size
         tally = _Tally(give_up_after=min(_MAX_UNDECODED, 2 * size) if size else _MAX_UNDECODED)
         first_pass, offset = divmod(self.start_step, self.steps_per_pass)
-        # After a resume at in-pass offset o, loader worker w serves virtual stream (o + w) % streams
-        # from its ((o + w) // streams)-th batch on; pass lengths are multiples of `streams`, so it keeps it.
-        stream = (offset + worker) % self.streams
-        done = (offset + worker) // self.streams
+        stream, done = serving(offset, worker, self.streams)
         raw_done = self.start_consumed[stream] if self.start_consumed is not None else None
         yield from self._pass_batches(first_pass, stream, tally, done, raw_done)
         for pass_idx in range(first_pass + 1, sys.maxsize):
@@ -217,7 +215,7 @@ def dataset_size(shards: ShardSet, cfg: Config) -> int | None:
 
 def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
     """Steps each rank takes per pass: about one epoch of the data set, a multiple of the loader workers."""
-    streams = max(1, cfg.data.num_workers)
+    streams = max(1, cfg.data.loader_workers)
     batch = cfg.train.batch_size
     if not cfg.data.resample:
         if shards.counts is None:
@@ -243,32 +241,65 @@ def steps_per_pass(shards: ShardSet, cfg: Config, world_size: int) -> int:
     return math.ceil(steps / streams) * streams
 
 
-def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, start_step: int,
-                pin_memory: bool, worker_init_fn=None, start_consumed: list[int] | None = None) -> DataLoader:
-    """The DataLoader over a rank's ShardStream; batching happens inside the workers."""
-    stream = ShardStream(shards, cfg, rank, world_size, start_step, start_consumed)
-    workers = cfg.data.num_workers
+def make_loader(shards: ShardSet, cfg: Config, rank: int, world_size: int, pin_memory: bool,
+                start: "StreamPosition | None" = None, worker_init_fn=None) -> DataLoader:
+    """The DataLoader over a rank's ShardStream from `start` (None: the beginning); batching happens inside the
+    workers."""
+    stream = ShardStream(shards, cfg, rank, world_size, start)
+    workers = cfg.data.loader_workers
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.data.prefetch if workers else None,
                       persistent_workers=False, worker_init_fn=worker_init_fn if workers else None)
 
 
+def serving(offset: int, worker: int, streams: int) -> tuple[int, int]:
+    """(virtual stream, batches of it already taken) that loader worker `worker` serves after a start at in-pass
+    offset `offset`: stream (offset + worker) % streams from its ((offset + worker) // streams)-th batch on. Pass
+    lengths are multiples of `streams`, so a worker keeps its stream from pass to pass."""
+    return (offset + worker) % streams, (offset + worker) // streams
+
+
 class StreamPosition:
-    """What the trainer tracks of its rank's stream so that a resume passes over the pass's first batches
-    without decoding them: per virtual stream, the raw samples its batches took since the pass began."""
+    """Where a rank's data stream stands: the one record of it that the stream starts from (ShardStream), the loop
+    advances (took) and the checkpoint keeps (record, from_record).
 
-    def __init__(self, shards: ShardSet, cfg: Config, world_size: int, data_step: int, consumed: list[int] | None):
-        self.spp = steps_per_pass(shards, cfg, world_size)
-        self.streams, self.batch = max(1, cfg.data.num_workers), cfg.train.batch_size
-        known = consumed is not None and len(consumed) == self.streams
-        self.consumed = list(consumed) if known else None  # unknown: the pass's prefix is decoded on resume
-        if data_step % self.spp == 0:
-            self.consumed = [0] * self.streams
+    data_step: batches this rank has taken since the run began, in steps of the current geometry (pass
+    data_step // spp, in-pass offset data_step % spp). consumed: per virtual stream, the raw samples (images and
+    corrupt ones) its batches took in the current pass, so that a resume passes over them undecoded; None when
+    unknown (a checkpoint from before, or a resumed geometry change: the pass's prefix is then decoded and
+    dropped). On disk unknown is [], and record()/from_record() are the one conversion.
 
-    def took(self, data_step: int, corrupt: int) -> None:
-        """Batch `data_step` (0-based, before counting it) arrived with `corrupt` samples skipped."""
-        offset = data_step % self.spp
+    Which stream a batch came from: after a start at offset o, loader worker w serves stream (o + w) % streams
+    (serving), and the DataLoader hands out its workers' batches in turn, batch j from worker j % workers
+    (tests/test_data.py fails if torch changes that), so batch data_step came from stream data_step % streams.
+    """
+
+    def __init__(self, spp: int, streams: int, batch: int, data_step: int = 0, consumed: list[int] | None = None):
+        self.spp, self.streams, self.batch, self.data_step = spp, streams, batch, data_step
+        known = consumed is not None and len(consumed) == streams
+        self.consumed = list(consumed) if known else None
+        if data_step % spp == 0:  # at a pass's start nothing of it was taken
+            self.consumed = [0] * streams
+
+    @classmethod
+    def at(cls, shards: ShardSet, cfg: Config, world_size: int, data_step: int = 0,
+           consumed: list[int] | None = None) -> "StreamPosition":
+        return cls(steps_per_pass(shards, cfg, world_size), max(1, cfg.data.loader_workers), cfg.train.batch_size,
+                   data_step, consumed)
+
+    def took(self, corrupt: int) -> None:
+        """The next batch arrived, with `corrupt` samples passed over in it."""
+        offset = self.data_step % self.spp
         if offset == 0:
             self.consumed = [0] * self.streams
         if self.consumed is not None:
             self.consumed[offset % self.streams] += self.batch + corrupt
+        self.data_step += 1
+
+    def record(self) -> list[int]:
+        """`consumed` as a checkpoint keeps it: [] when unknown."""
+        return list(self.consumed or [])
+
+    @staticmethod
+    def from_record(saved: list) -> list[int] | None:
+        return list(saved) or None

@@ -33,7 +33,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
-from ..distributed import context as dist
+from ..distributed import context
 from ..distributed import private_api, rendezvous, watchdog
 from ..distributed.interruptions import Interruption, Interrupts, PreemptionProbe, StopProbe, StopRequest
 from ..evaluate import during_training
@@ -68,28 +68,28 @@ def train(cfg: Config, resume_from: Path | None = None, on_checkpoint: Checkpoin
     A launcher hands in hooks: on_checkpoint after every checkpoint, preemption and stop_probe at every log
     interval (all on every rank, equally often), and the board where the ranks' watchdogs meet."""
     private_api.check(with_ray=False)  # torch's private parts as this code uses them, or an error naming them
-    ctx = dist.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
-    in_a_row = 0  # rollbacks since a checkpoint was last written: each one draws new latents
+    ctx = context.init(cfg.train.device, cfg.trainer.collective_timeout_s, cfg.trainer.startup_timeout_s)
+    rollbacks_since_checkpoint = 0  # each one draws new latents; train.max_rollbacks bounds them
     watch = _watchdog(cfg, ctx, board)
     try:
         with _run_dir_held(cfg, ctx), StopRequest() as stop:
             interrupts = Interrupts(stop, stop_probe, preemption)
             while True:
-                run = Run.start(cfg, ctx, resume_from, in_a_row, watch)
+                run = Run.start(cfg, ctx, resume_from, rollbacks_since_checkpoint, watch)
                 try:
-                    return run.train(interrupts, on_checkpoint)
+                    return run.step_until_target(interrupts, on_checkpoint)
                 except health.NonFinite as err:
-                    in_a_row = 1 if run.checkpoints_written else in_a_row + 1
-                    _give_up_or_roll_back(cfg, ctx, err, in_a_row)
+                    rollbacks_since_checkpoint = 1 if run.checkpoints_written else rollbacks_since_checkpoint + 1
+                    _give_up_or_roll_back(cfg, ctx, err, rollbacks_since_checkpoint)
                     resume_from = None  # the run directory's newest checkpoint: all of them are finite
                 finally:
                     run.close()
     finally:
         watch.stop()
-        dist.shutdown(ctx)
+        context.shutdown(ctx)
 
 
-def _watchdog(cfg: Config, ctx: dist.Context, board: watchdog.Board | None) -> watchdog.Watchdog:
+def _watchdog(cfg: Config, ctx: context.Context, board: watchdog.Board | None) -> watchdog.Watchdog:
     """This rank's hang watchdog, started; its board is the launcher's (Ray), else torchrun's store, else none."""
     t = cfg.trainer
     if board is None and ctx.world_size > 1:
@@ -104,7 +104,7 @@ def _watchdog(cfg: Config, ctx: dist.Context, board: watchdog.Board | None) -> w
 
 
 @contextmanager
-def _run_dir_held(cfg: Config, ctx: dist.Context) -> Iterator[None]:
+def _run_dir_held(cfg: Config, ctx: context.Context) -> Iterator[None]:
     """Rank 0, the run directory's one writer, holds it for the run (files.one_writer): a second trainer on the
     same run_dir gets files.Busy before it writes or deletes a file there. Holding it, rank 0 removes the temporary
     checkpoints that killed writers left (a second signal's os._exit, a SIGKILL): no other process writes there."""
@@ -121,16 +121,17 @@ def _run_dir_held(cfg: Config, ctx: dist.Context) -> Iterator[None]:
         yield
 
 
-def _give_up_or_roll_back(cfg: Config, ctx: dist.Context, err: health.NonFinite, in_a_row: int) -> None:
+def _give_up_or_roll_back(cfg: Config, ctx: context.Context, err: health.NonFinite,
+                          rollbacks_since_checkpoint: int) -> None:
     """Raise when train.on_nonfinite or train.max_rollbacks says to stop; else say that the run rolls back."""
-    if cfg.train.on_nonfinite == "stop" or in_a_row > cfg.train.max_rollbacks:
+    if cfg.train.on_nonfinite == "stop" or rollbacks_since_checkpoint > cfg.train.max_rollbacks:
         why = "train.on_nonfinite=stop" if cfg.train.on_nonfinite == "stop" else \
             f"{cfg.train.max_rollbacks} rollbacks in a row did not help (train.max_rollbacks)"
         raise health.NonFinite(f"{err}; stopped: {why}. Every checkpoint in {checkpoint.directory(cfg.run_dir)} "
                                 f"is finite") from None
     if ctx.is_main:
         print(f"dcgan_dist: {err}: rolling back to the newest checkpoint with new latent draws "
-              f"(rollback {in_a_row} of at most {cfg.train.max_rollbacks})", flush=True)
+              f"(rollback {rollbacks_since_checkpoint} of at most {cfg.train.max_rollbacks})", flush=True)
 
 
 @dataclass
@@ -149,15 +150,14 @@ class Window:
 class Run:
     """One attempt at the run: what it trains with and where it stands. Checkpoints record the position fields."""
     cfg: Config                    # perf settings resolved: what config.yaml and the checkpoints record
-    ctx: dist.Context
+    ctx: context.Context
     nets: Nets
     step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     batches: Iterator              # the data stream: (uint8 images, corrupt samples skipped, bad shards skipped)
-    position: StreamPosition       # the stream's position within the pass, for an exact resume
+    position: StreamPosition       # the data stream's position (data/stream.py), for an exact resume
     images: int                    # images seen by D across all ranks
     step: int                      # steps taken: seeds the latent draws
-    data_step: int                 # batches taken from the stream
-    rollbacks: int                 # non-finite rollbacks so far: shifts the latent draws
+    rollbacks: int                 # non-finite rollbacks in the whole run: shifts the latent draws
     skipped: list[int]             # this rank's [corrupt samples, unreadable shards]
     target: int                    # train.images rounded up to whole global batches
     fixed_z: torch.Tensor          # the sample grids' latents, the same for the whole run
@@ -172,32 +172,31 @@ class Run:
     _g_ema: tuple[int, nn.Module | None] | None = None  # (images, G_ema as sampled) for this step's users
 
     @classmethod
-    def start(cls, cfg: Config, ctx: dist.Context, resume_from: Path | None, extra_rollbacks: int,
+    def start(cls, cfg: Config, ctx: context.Context, resume_from: Path | None, rollbacks_since_checkpoint: int,
               watch: watchdog.Watchdog) -> "Run":
-        """Networks, data stream and logs, at the newest checkpoint's position (or at 0)."""
+        """Networks, data stream and logs, at the newest checkpoint's position (or at 0); rollbacks since that
+        checkpoint add to its rollback count (each draws new latents)."""
         device = ctx.device
         shards = resolve(cfg.data.shards)
         evaluator = during_training.build(cfg, ctx)  # FID or coverage every eval.every_images; None when off
-        nets = build_nets(cfg, ctx)
-        at = resume.restore(nets, cfg, ctx, shards, resume_from)
-        step_fn = make_step(nets, cfg, ctx)
-        cfg = perf.with_resolved(cfg, nets.resolved)
-        position = StreamPosition(shards, cfg, ctx.world_size, at.data_step, at.consumed)
-        loader = make_loader(shards, cfg, ctx.rank, ctx.world_size, start_step=at.data_step,
-                             pin_memory=device.type == "cuda",
-                             worker_init_fn=partial(watchdog.loader_worker_init, watch.loader_dumps),
-                             start_consumed=position.consumed)
+        nets, step_fn, at = _networks(cfg, ctx, shards, resume_from)
+        resolved = perf.with_resolved(cfg, nets.resolved)  # what config.yaml and the checkpoints record
+        position = StreamPosition.at(shards, resolved, ctx.world_size, at.data_step, at.consumed)
+        loader = make_loader(shards, resolved, ctx.rank, ctx.world_size, pin_memory=device.type == "cuda",
+                             start=position, worker_init_fn=partial(watchdog.loader_worker_init, watch.loader_dumps))
         per_step = cfg.train.batch_size * ctx.world_size
         target = at.images + max(0, math.ceil((cfg.train.images - at.images) / per_step)) * per_step
         fixed_z = models.sample_z(cfg.log.grid_size, cfg.model,
                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
-        run = cls(cfg, ctx, nets, step_fn, iter(loader), position, at.images, at.step, at.data_step,
-                  at.rollbacks + extra_rollbacks, at.skipped, target, fixed_z,
-                  Window(torch.zeros(len(STAT_NAMES), device=device)), evaluator=evaluator, watch=watch)
+        run = cls(cfg=resolved, ctx=ctx, nets=nets, step_fn=step_fn, batches=iter(loader), position=position,
+                  images=at.images, step=at.step,
+                  rollbacks=at.rollbacks + rollbacks_since_checkpoint, skipped=at.skipped, target=target,
+                  fixed_z=fixed_z, window=Window(torch.zeros(len(STAT_NAMES), device=device)), watch=watch,
+                  evaluator=evaluator)
         watch.new_attempt()
         try:  # the loader's workers run from iter(loader) on: whatever fails now must shut them down (close)
             if ctx.is_main:
-                run.log = _open_log(cfg, nets, at, target)
+                run.log = _open_log(resolved, nets, at, target)
                 watch.on_hang = lambda text, _lost: run.log.alarm(run.images, text)
             if run.log is not None and run.evaluator is not None:
                 run.log.message(run.evaluator.describe())
@@ -206,7 +205,7 @@ class Run:
             raise
         return run
 
-    def train(self, interrupts: Interrupts, on_checkpoint: CheckpointHook | None) -> dict:
+    def step_until_target(self, interrupts: Interrupts, on_checkpoint: CheckpointHook | None) -> dict:
         """Step until the target; after each step, run every interval the step ended. The last metrics. An
         interruption the ranks agreed on is raised after its checkpoint."""
         cfg, every = self.cfg, self.cfg.log
@@ -249,8 +248,8 @@ class Run:
         self.window.stat_sum += self.step_fn(real, z)  # on the device: no host read
         self.window.steps += 1
         self.skipped = [self.skipped[0] + n_skipped, self.skipped[1] + n_bad_shards]
-        self.position.took(self.data_step, n_skipped)
-        self.step, self.data_step = self.step + 1, self.data_step + 1
+        self.position.took(n_skipped)
+        self.step += 1
         before, self.images = self.images, self.images + self.cfg.train.batch_size * self.ctx.world_size
         self.watch.stepped(self.images)
         return before
@@ -265,7 +264,7 @@ class Run:
                 "perf/images_per_sec": w.steps * self.cfg.train.batch_size / elapsed}
         signum = interrupts.request()
         host.update({"stop/signal": float(signum), "stop/ranks": float(bool(signum))})
-        summed = dist.all_reduce_sum(torch.cat([w.stat_sum / w.steps, torch.tensor(list(host.values()),
+        summed = context.all_reduce_sum(torch.cat([w.stat_sum / w.steps, torch.tensor(list(host.values()),
                                                                                     device=ctx.device)])).tolist()
         totals = dict(zip([*STAT_NAMES, *host], summed, strict=True))
         metrics = {name: totals[name] / ctx.world_size for name in STAT_NAMES}  # each rank's mean, averaged
@@ -298,7 +297,7 @@ class Run:
             return
         png = Path(self.cfg.run_dir) / "samples" / f"samples-{self.images:012d}.png"
         ema = self.nets.ema
-        with models.eval_mode(models.base_module(self.nets.G)) as g:
+        with models.eval_mode(self.nets.G) as g:
             self.log.grid("samples/fixed_noise", g(self.fixed_z), self.images, None if ema is not None else png)
         if ema is not None:
             with models.eval_mode(self.g_ema()) as g:
@@ -309,7 +308,7 @@ class Run:
         began = time.perf_counter()
         nets = self.nets
         self.watch.mark(watchdog.EVAL)
-        self.evaluator(models.base_module(nets.G), self.g_ema(), models.base_module(nets.D), self.images, self.log)
+        self.evaluator(nets.G, self.g_ema(), nets.D, self.images, self.log)
         took, timeout = time.perf_counter() - began, self.cfg.trainer.collective_timeout_s
         if self.log is not None and self.ctx.world_size > 1 and took > timeout / 2:
             self.log.alarm(self.images, f"the evaluation took {took:.0f} s; at trainer.collective_timeout_s="
@@ -322,14 +321,14 @@ class Run:
         finite; then every rank calls the launcher's hook."""
         nets, ctx = self.nets, self.ctx
         self.watch.mark(watchdog.CHECKPOINT)
-        G, D = models.base_module(nets.G), models.base_module(nets.D)
+        G, D = nets.G, nets.D
         # Never write a non-finite network: every checkpoint on disk stays one to roll back to.
         bad = health.nonfinite_parameters({"G": G, "D": D, **({"G_ema": nets.ema.module} if nets.ema else {})})
-        if dist.all_reduce_sum(torch.tensor([float(len(bad))], device=ctx.device)).item() > 0:
+        if context.all_reduce_sum(torch.tensor([float(len(bad))], device=ctx.device)).item() > 0:
             raise health.NonFinite(f"non-finite weights at {self.images} images"
                                    + (f" in {' and '.join(bad)}" if bad else " on another rank"))
-        all_skipped = dist.gather_lists(self.skipped)
-        all_consumed = dist.gather_lists(self.position.consumed or [])
+        all_skipped = context.gather_lists(self.skipped)
+        all_consumed = context.gather_lists(self.position.record())
         path = None
         if ctx.is_main:
             g_ema = self.g_ema()
@@ -338,12 +337,12 @@ class Run:
                 G_ema=g_ema.state_dict() if g_ema is not None else None,
                 resume=checkpoint.Resume(
                     opt_G=nets.opt_g.state_dict(), opt_D=nets.opt_d.state_dict(), step=self.step,
-                    data_step=self.data_step, rollbacks=self.rollbacks, geometry=resume.geometry(self.cfg, ctx),
+                    data_step=self.position.data_step, rollbacks=self.rollbacks, geometry=resume.geometry(self.cfg, ctx),
                     skipped=all_skipped, consumed=all_consumed, rng=checkpoint.rng_state()))
             path = checkpoint.save(record, checkpoint.path_for(self.cfg.run_dir, self.images),
                                    self.cfg.log.keep_checkpoints, self.cfg.log.keep_every_images)
         self.checkpoints_written += 1
-        dist.barrier(self.cfg.trainer.collective_timeout_s)
+        context.barrier(self.cfg.trainer.collective_timeout_s)
         if on_checkpoint is not None:
             on_checkpoint(path, self.metrics)
         self.watch.mark(watchdog.INTERVAL)
@@ -356,6 +355,15 @@ class Run:
         private_api.shut_down_loader_workers(self.batches)
         if self.log is not None:
             self.log.close()
+
+
+def _networks(cfg: Config, ctx: context.Context, shards, resume_from: Path | None):
+    """(nets, step function, where the run starts), in the one order that works: built, restored from the newest
+    checkpoint, then wrapped for the step (DDP starts from rank 0's restored weights; a CUDA graph captures the
+    restored optimizer state)."""
+    nets = build_nets(cfg, ctx)
+    at = resume.restore(nets, cfg, ctx, shards, resume_from)
+    return nets, make_step(nets, cfg, ctx), at
 
 
 def _open_log(cfg: Config, nets: Nets, at: resume.Start, target: int) -> RunLog:

@@ -22,15 +22,23 @@ from .step import CudaGraphStep, gan_step
 
 @dataclass
 class Nets:
-    """G, D, their optimizers and the step's precision; G and D get their DDP/compile wrappers in make_step."""
+    """G, D, their optimizers and the step's precision. G and D are always the plain modules (what checkpoints,
+    samples and evaluation use); the step runs G_wrapped and D_wrapped, which make_step sets (compile, DDP) and
+    which share their parameters."""
     G: nn.Module
     D: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     prec: perf.Precision
-    graphed: bool
     resolved: perf.Resolved  # the perf settings in use, every "auto" decided
     ema: ema_mod.EMA | None = None  # G_ema (None when train.ema_images is 0)
+    G_wrapped: nn.Module | None = None  # set by make_step
+    D_wrapped: nn.Module | None = None
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the step is one captured CUDA graph."""
+        return self.resolved.cuda_graph
 
 
 def resolve_perf(cfg: Config, device: torch.device) -> perf.Resolved:
@@ -50,12 +58,12 @@ def build_nets(cfg: Config, ctx: Context, resolved: perf.Resolved | None = None)
     G, D = (m.to(device, memory_format=fmt) for m in models.build(cfg.model))
     if cfg.trainer.sync_bn and ctx.distributed:  # before the optimizers: conversion makes new BN parameters
         G, D = syncbn.convert(G), syncbn.convert(D)
-    graphed = resolved.cuda_graph
+    graphed = resolved.cuda_graph  # a graph-captured step wants optimizers whose state lives on the device
     betas = (cfg.train.beta1, cfg.train.beta2)
     opt_g = perf.adam(G.parameters(), cfg.train.lr_g, betas, resolved.fused_adam, capturable=graphed)
     opt_d = perf.adam(D.parameters(), cfg.train.lr_d, betas, resolved.fused_adam, capturable=graphed)
     ema = ema_mod.build(G, cfg, cfg.train.batch_size * ctx.world_size, fmt)
-    return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), graphed, resolved, ema)
+    return Nets(G, D, opt_g, opt_d, perf.precision(resolved.amp, device, cuda_graph=graphed), resolved, ema)
 
 
 def _no_forward_buffer_sync() -> dict:
@@ -68,7 +76,9 @@ def _no_forward_buffer_sync() -> dict:
 
 
 def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Wrap G and D (torch.compile, then DDP) and return step(real, z) -> statistics, graphed if configured."""
+    """Wrap G and D (torch.compile, then DDP) into nets.G_wrapped and nets.D_wrapped and return step(real, z) ->
+    statistics, graphed if configured. After any restore: DDP starts from rank 0's weights, and a captured graph
+    holds the optimizers' state tensors as they are then."""
     torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # shapes never change: pick the fastest kernels
     G, D = perf.compiled(nets.G, cfg.perf.compile), perf.compiled(nets.D, cfg.perf.compile)
     side = torch.cuda.Stream() if nets.graphed else None  # whole-step capture wants DDP built on its stream
@@ -85,7 +95,7 @@ def make_step(nets: Nets, cfg: Config, ctx: Context) -> Callable[[torch.Tensor, 
         if hook is not None:  # before the first backward, as DDP requires
             G.register_comm_hook(None, hook)
             D.register_comm_hook(None, hook)
-    nets.G, nets.D = G, D
+    nets.G_wrapped, nets.D_wrapped = G, D
     if nets.graphed:
         return CudaGraphStep(G, D, nets.opt_g, nets.opt_d, nets.prec, side, ema=nets.ema)
     return lambda real, z: gan_step(G, D, nets.opt_g, nets.opt_d, real, z, nets.prec, nets.ema)

@@ -23,7 +23,7 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config
 from ..data.shardset import ShardSet
-from ..data.stream import dataset_size, steps_per_pass
+from ..data.stream import StreamPosition, dataset_size, steps_per_pass
 from ..distributed import context as dist
 from ..distributed.context import Context
 from .nets import Nets
@@ -48,7 +48,7 @@ class Start:
 
 def geometry(cfg: Config, ctx: Context) -> dict:
     """What the data stream's layout depends on."""
-    return {"world_size": ctx.world_size, "batch_size": cfg.train.batch_size, "loader_workers": cfg.data.num_workers}
+    return {"world_size": ctx.world_size, "batch_size": cfg.train.batch_size, "loader_workers": cfg.data.loader_workers}
 
 
 def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, checkpoint.Checkpoint] | None:
@@ -112,7 +112,7 @@ def restore(nets: Nets, cfg: Config, ctx: Context, shards: ShardSet, resume_from
     if saved.geometry == geometry(cfg, ctx):  # the same ranks: each continues its own stream
         start.data_step = saved.data_step
         start.skipped = list(saved.skipped[ctx.rank])
-        start.consumed = list(saved.consumed[ctx.rank]) or None
+        start.consumed = StreamPosition.from_record(saved.consumed[ctx.rank])
     else:
         spp = steps_per_pass(shards, cfg, ctx.world_size)
         first_pass = math.ceil(start.images / dataset_size(shards, cfg))
