@@ -53,6 +53,9 @@ def two_nodes():
         env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         env.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train's controller: 5 s by default
+        # Ray Train's controller polls its worker group every 0.5 s (2 s by default): it sees a dead worker, and the
+        # end of a run, sooner.
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         env.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")  # Ray's processes and job drivers: loopback
         env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this process, which read it at import
         RayConfig.initialize("")  # `import ray` read RAY_AUTH_MODE already; ray.init re-reads it the same way
@@ -288,7 +291,7 @@ def _world_size(path: Path) -> int | None:
 @pytest.mark.slow
 def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_nodes, mnist_shards, tmp_path):
     """`python -m dcgan_dist.train ... trainer.num_workers=2 trainer.min_workers=1` (an elastic group) on two
-    nodes. `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 20` on the node of
+    nodes. `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 10` on the node of
     one worker (a spot reclaim notice) -> a just-in-time checkpoint at the next log interval, later than the last
     periodic one -> that node killed at the deadline -> the group goes on with one worker from that checkpoint ->
     a node joins -> the group grows back to two and the run ends at exactly train.images. Any failure other than
@@ -296,6 +299,9 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
     second node."""
     cluster, _ = two_nodes
     run_dir = tmp_path / "run"
+    # The notice's deadline: the just-in-time checkpoint came 1.5 s after the drain here (Ray Train polls drains every
+    # second, then the next log interval), and the test waits for it before it kills the node in any case.
+    notice_s = 10
     every, periodic = 8 * GLOBAL_BATCH, 25 * GLOBAL_BATCH  # never the same image count before 6400
     target = 400 * GLOBAL_BATCH
     command = [sys.executable, "-m", "dcgan_dist.train", f"data.shards={mnist_shards}", "data.builtin=null",
@@ -326,9 +332,10 @@ def test_preemption_notice_checkpoints_then_the_group_shrinks_and_grows(two_node
                     drain = subprocess.run(
                         [RAY_CLI, "drain-node", "--address", cluster.address, "--node-id", seen["drained"],
                          "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaim",
-                         "--deadline-remaining-seconds", "20"], capture_output=True, text=True, timeout=60)
+                         "--deadline-remaining-seconds", str(notice_s)], capture_output=True, text=True,
+                        timeout=60)
                     assert drain.returncode == 0, drain.stdout + drain.stderr
-                    seen["deadline"] = time.monotonic() + 20
+                    seen["deadline"] = time.monotonic() + notice_s
             elif "just in time" not in seen:
                 just_in_time = [n for n in stored if n % periodic != 0]
                 if just_in_time:

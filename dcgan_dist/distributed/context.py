@@ -3,7 +3,14 @@
 Local mode, torchrun and Ray Train all end up here. torchrun and Ray set RANK, WORLD_SIZE, LOCAL_RANK and
 MASTER_ADDR/PORT; Ray Train also creates the process group before the training function starts.
 Nothing else in the package reads these environment variables, except rendezvous.py, this module's helper for
-forming the group (MASTER_ADDR/PORT, torchelastic's store, the GLOO_/NCCL_SOCKET_IFNAME it chooses).
+forming the group (MASTER_ADDR/PORT, torchelastic's store, the GLOO_/NCCL_SOCKET_IFNAME it chooses), which also
+tells the hang watchdog where its store is and which group (attempt) it is in.
+
+Three questions, three names: launched() - did a launcher (torchrun, Ray Train) start this process (its
+environment says so); Context.distributed - is there a process group (even of one rank: then DDP and NCCL are
+in use); _several_ranks() - is there a group of more than one rank (then a collective does something; the
+helpers below are no-ops otherwise). rank_and_world() answers from the group, for code that has no Context (the
+evaluation commands under torchrun).
 """
 
 from __future__ import annotations
@@ -89,34 +96,34 @@ def shutdown(ctx: Context) -> None:
 
 def broadcast_object(obj, src: int = 0):
     """Rank src's object on every rank (the object itself in a single process)."""
-    if not _active():
+    if not _several_ranks():
         return obj
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
-def _active() -> bool:
+def _several_ranks() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the process group, (0, 1) without one."""
-    if not _active():
+    if not _several_ranks():
         return 0, 1
     return torch_dist.get_rank(), torch_dist.get_world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (a no-op in a single process)."""
-    if _active():
+    if _several_ranks():
         torch_dist.all_reduce(tensor)
     return tensor
 
 
 def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's copy of a same-shaped tensor, stacked in rank order: (world_size, *shape)."""
-    if not _active():
+    if not _several_ranks():
         return tensor.unsqueeze(0)
     out = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
     torch_dist.all_gather(out, tensor.contiguous())
@@ -129,7 +136,7 @@ class CollectiveTimeout(RuntimeError):
 
 def barrier(timeout_s: float = 1800) -> None:
     """Wait for every rank. On gloo a monitored barrier: a rank that does not arrive within timeout_s is named."""
-    if not _active():
+    if not _several_ranks():
         return
     if torch_dist.get_backend() != "gloo":
         torch_dist.barrier()
@@ -146,7 +153,7 @@ def barrier(timeout_s: float = 1800) -> None:
 
 def gather_lists(values: list[int]) -> list[list[int]]:
     """Every rank's list of ints, in rank order (a list of one in a single process)."""
-    if _active():
+    if _several_ranks():
         out: list = [None] * torch_dist.get_world_size()
         torch_dist.all_gather_object(out, list(values))
         return out

@@ -102,6 +102,11 @@ def where() -> dict:
     return {"node": node(), "address": local_address(host, int(port)) if port.isdigit() else "?"}
 
 
+def group() -> str:
+    """This process group's rendezvous address, which each start of a group (each attempt) has anew."""
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
 def store_board_address() -> tuple[str, int, str] | None:
     """(host, port, key prefix) of the store a torchrun attempt met in, for the watchdog's board; None when no
     launcher set one (a plain process) or the store lives in a rank (Ray Train's: the Ray launcher has its own)."""

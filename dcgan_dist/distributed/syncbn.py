@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import context as dist
+from . import context
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x, dim=dims, correction=0)
     count = torch.full_like(mean, x.numel() // x.shape[1])
-    shares = dist.all_gather_stacked(torch.stack([count, mean, var * count]))  # (world, 3, C)
+    shares = context.all_gather_stacked(torch.stack([count, mean, var * count]))  # (world, 3, C)
     counts, means, m2s = shares.unbind(1)
     total = counts.sum(0)
     mean = (counts * means).sum(0) / total
@@ -56,7 +56,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             # The input gradient sees every rank's loss through the shared mean and variance: one all-reduce.
-            sum_dy, sum_dy_xhat = dist.all_reduce_sum(local.clone()).div_(total).unbind(0)
+            sum_dy, sum_dy_xhat = context.all_reduce_sum(local.clone()).div_(total).unbind(0)
             dx = (weight * invstd).view(shape) * (dy - sum_dy.view(shape) - x_hat * sum_dy_xhat.view(shape))
         # Parameter gradients stay per rank; DDP averages them like every other parameter.
         return dx, local[1], local[0], None, None, None

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import processes
+from . import processes, rendezvous
 from .interruptions import EXIT_HUNG, ignore_in_loader_workers
 
 # Phases the loop marks. A step is "data" (waiting for the next batch) then "step"; "interval" is the log interval's
@@ -135,7 +135,9 @@ class Watchdog:
             return max(lim.first_step_timeout_s, lim.hang_timeout_s or 0.0)
         step = lim.hang_timeout_s if lim.hang_timeout_s is not None else \
             max(AUTO_FLOOR_S, AUTO_STEPS * statistics.median(self.durations))
-        return max(step, lim.reads_s) if self.phase == DATA else step
+        # A rank that waits for a stalled read, and the ranks that wait for it in a collective, are all allowed
+        # the read's own bound: the shard is skipped then, not taken for a hang.
+        return max(step, lim.reads_s)
 
     # --- the thread
     def start(self) -> "Watchdog":
@@ -207,7 +209,7 @@ class Watchdog:
         if self.board is not None:
             try:
                 self.board.hung({"rank": self.rank, "culprits": ranks["culprits"], "nodes": ranks["nodes"],
-                                 "images": self.images, "stalled_s": stalled, "group": _group()})
+                                 "images": self.images, "stalled_s": stalled, "group": rendezvous.group()})
             except Exception:
                 pass
         if self.on_hang is not None:
@@ -226,7 +228,7 @@ class Watchdog:
             return "trainer.first_step_timeout_s, the first steps of an attempt"
         source = "trainer.hang_timeout_s" if lim.hang_timeout_s is not None else \
             f"trainer.hang_timeout_s auto: the larger of {AUTO_FLOOR_S:g} s and {AUTO_STEPS:g} x the median step"
-        if self.phase == DATA and lim.reads_s > (lim.hang_timeout_s or AUTO_FLOOR_S):
+        if lim.reads_s > (lim.hang_timeout_s or AUTO_FLOOR_S):
             source += ", or a stalled read's own bound (data.io_timeout, data.read_retries)"
         return source
 
@@ -303,11 +305,6 @@ class Watchdog:
         except OSError as err:
             print(f"dcgan_dist.watchdog: cannot write {path}: {err}", file=sys.stderr, flush=True)
             return None
-
-
-def _group() -> str:
-    """This worker group's rendezvous, which each start of a group (each attempt) has anew."""
-    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
 def _end_process(status: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import GENERATORS, load_networks
-from ..distributed import context as dist
+from ..distributed import context
 from . import features, fid
 from .commands import (Report, cmd_arithmetic, cmd_coverage, cmd_features, cmd_fid, cmd_interpolate, cmd_kid,
                        cmd_nearest, cmd_pr)
@@ -104,8 +104,8 @@ SHARDED = ("fid", "kid", "pr")  # the commands that split their samples over tor
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     ctx = None
-    if args.command in SHARDED and dist.launched():  # torchrun: each rank on its own device
-        ctx = dist.init("cuda" if args.device.startswith("cuda") else "cpu")
+    if args.command in SHARDED and context.launched():  # torchrun: each rank on its own device
+        ctx = context.init("cuda" if args.device.startswith("cuda") else "cpu")
     try:
         networks = load_networks(args.checkpoint, ctx.device if ctx else args.device, args.generator)
         if networks.note and (ctx is None or ctx.is_main):
@@ -118,4 +118,4 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     finally:
         if ctx is not None:
-            dist.shutdown(ctx)
+            context.shutdown(ctx)

@@ -21,7 +21,7 @@ from .. import files, grids, models
 from ..checkpoint import Networks
 from ..data import storage
 from ..data.load import load_images, load_labelled
-from ..distributed import context as dist
+from ..distributed import context
 from ..models import generate, generate_images
 from . import classifier, features, fid, latent, precision_recall, reference, sharded
 
@@ -86,7 +86,7 @@ def real_shards(args, s: Networks) -> str:
         raise ValueError(f"{s.path}: the checkpoint's data.shards is {spec!r}, a URL or a command; a checkpoint "
                          f"is a file made elsewhere, so what it names is neither fetched nor run: give the real "
                          f"images with --shards")
-    if dist.rank_and_world()[0] == 0:
+    if context.rank_and_world()[0] == 0:
         print(f"real images: {spec}, the checkpoint's data.shards (--shards to choose others)", file=sys.stderr)
     return spec
 
@@ -236,7 +236,7 @@ def _inception_features(args, s: Networks) -> tuple[torch.Tensor, torch.Tensor, 
     cfg = s.cfg
     net = fid.load_inception(args.inception_weights, args.dims, s.device)  # first: a missing file fails fast
     shards = real_shards(args, s)
-    rank, world = dist.rank_and_world()
+    rank, world = context.rank_and_world()
     real = reference.real_protocol(shards, cfg.model.resolution, cfg.model.channels, args.real_limit)
     inception = reference.inception_protocol(args.inception_weights, args.dims)
     real_f, cached = reference.real_features(net, real, inception, reference.cache_dir(args.reference_cache),

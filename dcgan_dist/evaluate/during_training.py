@@ -18,7 +18,7 @@ from .. import checkpoint, models
 from .. import config as config_mod
 from ..config import Config
 from ..data.load import load_labelled
-from ..distributed import context as dist
+from ..distributed import context
 from ..distributed.context import Context
 from . import classifier, fid, reference, sharded
 
@@ -77,7 +77,7 @@ class TrainingEval:
                     judge, info = classifier.fit_with_holdout(x, y, device=ctx.device)
                 judge = judge.cpu()  # sent as a pickle: device-free
                 self.first["eval/coverage_judge_accuracy"] = info["heldout_accuracy"]  # how far to trust it
-            self.judge = dist.broadcast_object(judge).to(ctx.device)
+            self.judge = context.broadcast_object(judge).to(ctx.device)
 
     def describe(self) -> str:
         """What is measured, for the run's log: the FID protocol, or the coverage judge."""

@@ -22,7 +22,7 @@ from .. import files
 from ..checkpoint import load_weights
 from ..data import load, shardset, storage
 from ..data.manifest import file_sha256, read_manifest
-from ..distributed import context as dist
+from ..distributed import context
 from . import fid, sharded
 
 INCEPTION_INPUT = ("uint8 RGB (greyscale repeated), resized to 299x299 by the TF1-compatible bilinear filter "
@@ -88,9 +88,9 @@ def real_features(net: torch.nn.Module, real: dict, inception: dict, cache: Path
     """Inception features (N, dims) of the real side, from the cache or computed (each rank its share); and
     whether they came from the cache. Every rank returns the whole set."""
     path = cache / f"real-{key(real, inception)}.pt" if cache is not None else None
-    hit = dist.broadcast_object(path is not None and path.is_file())  # rank 0's disk decides for every rank
+    hit = context.broadcast_object(path is not None and path.is_file())  # rank 0's disk decides for every rank
     if hit:
-        saved = dist.broadcast_object(load_weights(path) if rank == 0 else None)
+        saved = context.broadcast_object(load_weights(path) if rank == 0 else None)
         real["images"] = saved["images"]
         return saved["features"].double(), True
     # One process reads up to the limit and counts what it got; ranks need the total first, for their shares.

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..distributed import context as dist
+from ..distributed import context
 
 
 def share(n: int, rank: int, world_size: int) -> slice:
@@ -29,7 +29,7 @@ def gather(rows: torch.Tensor, n: int, rank: int, world_size: int, device: torch
     width = math.ceil(n / world_size)
     padded = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype, device=device)
     padded[:len(rows)] = rows.to(device)
-    stacked = dist.all_gather_stacked(padded).cpu()
+    stacked = context.all_gather_stacked(padded).cpu()
     parts = [share(n, r, world_size) for r in range(world_size)]
     return torch.cat([stacked[r, :s.stop - s.start] for r, s in enumerate(parts)])
 

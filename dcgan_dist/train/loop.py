@@ -31,6 +31,7 @@ from torch import nn
 from .. import checkpoint, files, models, pixels
 from .. import config as config_mod
 from ..config import Config
+from ..data import storage
 from ..data.shardset import resolve
 from ..data.stream import StreamPosition, make_loader
 from ..distributed import context
@@ -96,9 +97,12 @@ def _watchdog(cfg: Config, ctx: context.Context, board: watchdog.Board | None) -
         address = rendezvous.store_board_address()
         board = watchdog.StoreBoard(*address, ctx.world_size) if address else None
     d = cfg.data
-    # A read that stalls gives up on its own (data.io_timeout per attempt, retries with backoff up to 1.5 x):
-    # the wait for data is allowed that long, so a stalled shard is skipped, not taken for a hang.
-    reads_s = d.io_timeout * (d.read_retries + 1) + 1.5 * d.retry_backoff * (2 ** d.read_retries - 1) + 5.0
+    # A remote read that stalls gives up on its own (data.io_timeout per attempt, a second to close it, retries
+    # with backoff up to 1.5 x; twice that, as a batch may meet two such shards): a step is allowed that long,
+    # so a stalled shard is skipped, not taken for a hang. Local files have no such bound to wait for.
+    remote = any(storage.is_remote(part) for part in d.shards.split("::"))
+    reads_s = 2 * (d.io_timeout + 1) * (d.read_retries + 1) + 1.5 * d.retry_backoff * (2 ** d.read_retries - 1) \
+        + 10.0 if remote else 0.0
     limits = watchdog.Limits(t.hang_timeout_s, t.first_step_timeout_s, t.collective_timeout_s, reads_s)
     return watchdog.Watchdog(limits, ctx.rank, ctx.world_size, rendezvous.where(), cfg.run_dir, board).start()
 

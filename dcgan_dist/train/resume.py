@@ -24,7 +24,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..data.shardset import ShardSet
 from ..data.stream import StreamPosition, dataset_size, steps_per_pass
-from ..distributed import context as dist
+from ..distributed import context
 from ..distributed.context import Context
 from .nets import Nets
 
@@ -61,7 +61,7 @@ def choose(cfg: Config, ctx: Context, resume_from: Path | None) -> tuple[Path, c
         # A launcher's copy can lag the run directory: Ray registers a checkpoint only once every rank has
         # reported it, so a node lost just after rank 0 wrote one leaves Ray a checkpoint or two behind.
         found = checkpoint.newest_readable(cfg.run_dir, after=handed[1].images if handed else -1) or handed
-    return dist.broadcast_object(found)
+    return context.broadcast_object(found)
 
 
 def _model_mismatch(saved: dict, cfg: Config) -> list[str]:
@@ -132,7 +132,7 @@ def _check_same_weights(nets: Nets, ctx: Context) -> None:
     if ctx.world_size == 1:
         return
     total = torch.stack([p.double().sum() for m in (nets.G, nets.D) for p in m.parameters()]).sum().view(1)
-    sums = dist.all_gather_stacked(total.to(ctx.device)).flatten().tolist()
+    sums = context.all_gather_stacked(total.to(ctx.device)).flatten().tolist()
     differ = [r for r, s in enumerate(sums) if s != sums[0]]
     if differ:
         raise RuntimeError(f"after resuming, ranks {differ} hold other weights than rank 0 (checksums {sums})")
