@@ -184,3 +184,17 @@ def test_readmes_layout_table_names_every_module():
     missing = [str(m) for m in modules if f"`{m.name}`" not in table and f"{m.name}`" not in table
                and f"`{m.stem}`" not in table]
     assert not missing, f"README's layout table leaves out {missing}"
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    """A function a newcomer must change is read whole: none over 60 lines (docstring and comments included)."""
+    import ast
+
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

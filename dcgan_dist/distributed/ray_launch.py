@@ -181,13 +181,15 @@ class RunControl:
     the next worker group. On the driver's node, so a frozen or lost worker node cannot take it down.
 
     `need`: what the smallest group asks of the cluster ({"CPU": n, "GPU": m}): a node is left out only when the
-    other live nodes can still hold that, so that a run on too few nodes is never left waiting for ever."""
+    other live nodes can still hold that, so that a run on too few nodes is never left waiting for ever. Never in
+    an elastic group (`elastic`): Ray sizes it by every node's resources, the one left out included, and would
+    try for ever to start a group that cannot be placed."""
 
-    def __init__(self, need: dict | None = None):
+    def __init__(self, need: dict | None = None, elastic: bool = False):
         self.signum = 0
         self.beats: dict[int, dict] = {}
         self.hangs: list[dict] = []
-        self.need = need or {}
+        self.need, self.elastic = need or {}, elastic
         self.groups: set[str] = set()      # the worker groups whose hang is counted (every rank reports it)
         self.in_a_row: dict[str, int] = {}  # node ID -> hangs in a row that named it
         self.left_out: set[str] = set()
@@ -218,6 +220,10 @@ class RunControl:
                 self._leave_out(node, count)
 
     def _leave_out(self, node: str, count: int) -> None:
+        if self.elastic:
+            print(f"dcgan_dist.ray_launch: node {node[:12]} hung {count} times in a row; an elastic group keeps "
+                  f"every node (Ray sizes it by all of them)", flush=True)
+            return
         alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         rest = [res for nid, res in alive.items() if nid != node and nid not in self.left_out]
         short = {k: n for k, n in self.need.items() if n > sum(res.get(k, 0) for res in rest)}
@@ -450,7 +456,7 @@ def run(cfg: Config, loop: Loop) -> ray.train.Result:
     t = cfg.trainer
     least = t.num_workers if t.min_workers is None else t.min_workers
     need = {"CPU": least * t.cpus_per_worker, **({"GPU": least} if t.use_gpu else {})}
-    control = RunControl.options(name=name, scheduling_strategy=here).remote(need)
+    control = RunControl.options(name=name, scheduling_strategy=here).remote(need, _elastic(t))
     # SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C): passed on to every rank through the control actor,
     # so the ranks checkpoint at the count reached and return; a second one exits at once.
     with StopRequest("every rank writes a checkpoint at its next log interval, then the run stops",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -217,6 +218,7 @@ class Watchdog:
                 self.on_hang(f"hang: {summary}; {stalled:.0f} s lost waiting; report {path}", stalled)
             except Exception:
                 pass
+        shutil.rmtree(self.loader_dumps, ignore_errors=True)  # stop() never runs after this
         self._exit(EXIT_HUNG)
 
     def _allowance_source(self) -> str:

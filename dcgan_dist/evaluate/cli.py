@@ -34,12 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--generator", choices=GENERATORS, default="ema",
                         help="ema: G_ema, the moving average of G (default; G if the checkpoint has none); raw: G")
 
-    def shards(p, what):
-        p.add_argument("--shards", default=None,
-                       help=f"{what} (default: the checkpoint's data.shards, if a local path)")
-
     parser = argparse.ArgumentParser(prog="python -m dcgan_dist.evaluate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _paper_commands(sub, common)
+    _metric_commands(sub, common)
+    return parser
+
+
+def _shards(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--shards", default=None, help=f"{what} (default: the checkpoint's data.shards, if a local path)")
+
+
+def _paper_commands(sub, common: argparse.ArgumentParser) -> None:
+    """The paper's experiments: interpolate, arithmetic, features, nearest, coverage."""
 
     p = sub.add_parser("interpolate", parents=[common], help=cmd_interpolate.__doc__)
     p.add_argument("--rows", type=int, default=8, help="walks, one per row")
@@ -54,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.25, help="half-width of the uniform noise added to the result")
 
     p = sub.add_parser("features", parents=[common], help=cmd_features.__doc__)
-    shards(p, "labelled shards (a `cls` field) to train the SVM on")
+    _shards(p, "labelled shards (a `cls` field) to train the SVM on")
     p.add_argument("--test-shards", default=None, help="labelled held-out shards (default: split --shards)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when there are no test shards")
     p.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (SVHN: 1000)")
@@ -64,21 +71,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds that choose C")
 
     p = sub.add_parser("nearest", parents=[common], help=cmd_nearest.__doc__)
-    shards(p, "training shards")
+    _shards(p, "training shards")
     p.add_argument("--n", type=int, default=500, help="generated samples (and held-out real images) measured")
     p.add_argument("--show", type=int, default=8, help="samples shown in the grid")
     p.add_argument("--k", type=int, default=4, help="neighbours per sample in each space")
     p.add_argument("--limit", type=int, default=None, help="read at most this many training images")
 
     p = sub.add_parser("coverage", parents=[common], help=cmd_coverage.__doc__)
-    shards(p, "labelled shards (a `cls` field) to train the classifier on")
+    _shards(p, "labelled shards (a `cls` field) to train the classifier on")
     p.add_argument("--n", type=int, default=1000, help="generated samples classified")
     p.add_argument("--epochs", type=int, default=8, help="classifier training epochs")
     p.add_argument("--limit", type=int, default=None, help="read at most this many labelled images")
 
+
+def _metric_commands(sub, common: argparse.ArgumentParser) -> None:
+    """The sample-quality metrics against real images: fid, kid, pr."""
     for name, fn in (("fid", cmd_fid), ("kid", cmd_kid), ("pr", cmd_pr)):
         p = sub.add_parser(name, parents=[common], help=fn.__doc__)
-        shards(p, "real images to compare with")
+        _shards(p, "real images to compare with")
         p.add_argument("--inception-weights", default=None,
                        help="pt_inception-2015-12-05 / weights-inception-2015-12-05 file (see docs/evaluate.md)")
         # --num-samples: torchrun's own parser takes a bare --n for an abbreviation of its options and fails.
@@ -93,7 +103,6 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--subset-size", type=int, default=1000, help="samples per subset")
         if name == "pr":
             p.add_argument("--k", type=int, default=3, help="nearest neighbours that set each point's radius")
-    return parser
 
 
 COMMANDS = {"interpolate": cmd_interpolate, "arithmetic": cmd_arithmetic, "features": cmd_features,
