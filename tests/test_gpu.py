@@ -178,3 +178,33 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(mnist_shard
     for opt in (record.resume.opt_G, record.resume.opt_D):
         assert all(torch.isfinite(s["exp_avg"]).all() for s in opt["state"].values())
 
+
+
+def test_a_hang_under_nccl_writes_the_flight_recorders_record_beside_the_report(mnist_shards, tmp_path):
+    """torchrun, one rank per GPU (NCCL): one of rank 0's loader workers stopped after the first checkpoint; the
+    watchdog's report names the wait for data, and NCCL's flight recorder (switched on before the group formed)
+    is dumped beside it as nccl-trace-rank0.pkl, a pickle of the collectives the rank took part in."""
+    import pickle
+
+    from test_hangs import HANG_S, REPORT_S, _end, _loader_child, _rank_pids, _start, _wait_for
+    from tiny_run import TINY
+
+    run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = _start([torchrun, "--nproc-per-node", "1", "-m", "dcgan_dist.train", "--run-dir", str(run_dir),
+                   f"data.shards={mnist_shards}", *TINY, "train.images=1000000", "train.device=cuda",
+                   "log.checkpoint_every_images=256", f"trainer.hang_timeout_s={HANG_S:g}"], log)
+    try:
+        _wait_for(lambda: checkpoint.latest(run_dir), 240, proc, log)
+        pid = _wait_for(lambda: _rank_pids(log.read_text()).get(0), 30, proc, log)
+        os.kill(_loader_child(pid), __import__("signal").SIGSTOP)
+        trace = _wait_for(lambda: (run_dir / "hangs" / "nccl-trace-rank0.pkl").is_file(),
+                          HANG_S + REPORT_S + 60, proc, log)
+        proc.wait(120)
+    finally:
+        _end(proc)
+    assert trace and proc.returncode != 0
+    record = pickle.loads((run_dir / "hangs" / "nccl-trace-rank0.pkl").read_bytes())
+    assert "entries" in record and record["entries"], sorted(record)
+    report = next((run_dir / "hangs").glob("*-rank0.txt")).read_text()
+    assert "every thread" in report and "stopped (T)" in report
