@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 BATCH = 16
 # Ray's GCS declares a node dead after health checks every 1 s, 5 missed in a row (its defaults, 3 s and 5 after a
-# 10 s timeout, took 65 s here: docs/cluster.md has both timelines).
-# Authentication off, as set, not as found: Ray 2.60's `ray start --head` turns token authentication on when
-# ~/.ray/auth_token exists (a local `ray.init()` run as this user leaves one), and the hosts share this machine's
-# home, while a worker's `ray start` does not look there and is refused.
+# 10 s timeout, took 65 s here: docs/cluster.md has both timelines). Authentication off, as set, not as found: Ray
+# 2.60's `ray start --head` turns token authentication on when ~/.ray/auth_token exists (a local `ray.init()` run as
+# this user leaves one), and the hosts share this machine's home, while a worker's `ray start` does not look there
+# and is refused.
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
        "RAY_health_check_failure_threshold": "5", "RAY_AUTH_MODE": "disabled"}
 # After a lost node, Ray Train first tries to restart the group at its old size, which cannot start, gives up after

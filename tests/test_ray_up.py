@@ -166,7 +166,7 @@ def test_ray_up_three_hosts_job_across_them_ray_down(hosts_share):
                 "job", "submit", "--submission-id", job, "--working-dir", ".", "--runtime-env-json",
                 '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}', "--",
                 "python", "-m", "dcgan_dist.train", "--config", "configs/mnist_local.yaml",
-                f"data.shards={hosts_share / 'shards'}", "data.builtin=null", "data.num_workers=0",
+                f"data.shards={hosts_share / 'shards'}", "data.builtin=null", "data.loader_workers=0",
                 "data.shuffle_buffer=200", "model.ngf=8", "model.ndf=8", f"train.batch_size={BATCH}",
                 f"train.images={target}", "train.device=cpu", f"log.every_images={every}",
                 f"log.sample_every_images={target}", f"log.checkpoint_every_images={target // 2}",
