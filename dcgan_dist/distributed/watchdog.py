@@ -157,9 +157,7 @@ class Watchdog:
         self._stop.set()
         for thread in self._threads:
             thread.join(5)
-        for f in Path(self.loader_dumps).glob("*"):
-            f.unlink(missing_ok=True)
-        Path(self.loader_dumps).rmdir()
+        shutil.rmtree(self.loader_dumps, ignore_errors=True)
 
     def beat_s(self) -> float:
         """How often the heartbeat is posted: often enough for a report within the step's own allowance."""
