@@ -90,7 +90,7 @@ def data_pipeline_rate(cfg, shards_dir: Path, batches: int) -> float:
     """Images/sec of the loader alone (decode, shuffle, batch, pinned copy to the device)."""
     shards = resolve(str(shards_dir))
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
-    loader = iter(make_loader(shards, cfg, 0, 1, 0, pin_memory=device.type == "cuda"))
+    loader = iter(make_loader(shards, cfg, 0, 1, pin_memory=device.type == "cuda"))
     for _ in range(max(4, cfg.data.loader_workers * 2)):  # start-up and first fill of the shuffle buffers
         next(loader)
     t0 = time.perf_counter()

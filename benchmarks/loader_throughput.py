@@ -81,7 +81,7 @@ def main() -> None:
                 per_round[name].append(rate(streams[name], args.batches, 128))
         for name in FORMATS:
             many = config.load(None, [*overrides[name], f"data.loader_workers={cores}"])
-            loader = make_loader(resolve(many.data.shards), many, 0, 1, 0, pin_memory=False)
+            loader = make_loader(resolve(many.data.shards), many, 0, 1, pin_memory=False)
             rows[name] = (statistics.median(per_round[name]), rate(warm(loader), args.batches, 128),
                           sizes[name] / args.images)
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, Python "

@@ -135,7 +135,7 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, args, results) -> No
     nets = build_nets(cfg, ctx)
     step = make_step(nets, cfg, ctx)
     if ctx.distributed:  # always here (the spawned ranks look launched): DDP even at world size 1, as Ray's is
-        for net in (nets.G, nets.D):
+        for net in (nets.G_wrapped, nets.D_wrapped):
             net.register_comm_hook(None, clock.ddp_hook)
     timed(args.warmup)
     clock.bytes = 0
