@@ -21,6 +21,7 @@ class Process:
     argv: tuple[str, ...]
     uids: tuple[int, ...]  # real, effective, saved and file-system uid
     exe: str            # the executable's path; "" where it may not be read (another user's process)
+    state: str = "?"    # /proc's one-letter state: R running, S sleeping, D uninterruptible, T/t stopped
 
 
 def processes(proc: Path = Path("/proc")) -> dict[int, Process]:
@@ -48,7 +49,8 @@ def processes(proc: Path = Path("/proc")) -> dict[int, Process]:
             continue
         pid = int(entry.name)
         argv = tuple(cmdline.decode(errors="replace").split("\0")) if cmdline else ()
-        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, argv, tuple(int(u) for u in uids), exe)
+        found[pid] = Process(pid, int(fields[1]), int(fields[19]), comm, argv, tuple(int(u) for u in uids), exe,
+                             fields[0])
     return found
 
 

@@ -282,11 +282,11 @@ class Watchdog:
             f.seek(0)
             parts = [f"--- rank {self.rank}, pid {os.getpid()}: every thread\n{f.read()}"]
         me = os.getpid()
-        children = sorted(p for p, proc in processes.processes().items() if proc.ppid == me)
+        children = {p: proc for p, proc in sorted(processes.processes().items()) if proc.ppid == me}
         processes.send(children, LOADER_DUMP_SIGNAL)
         time.sleep(1.0)
-        for pid in children:
-            state = _state(pid)
+        for pid, child in children.items():
+            state = _STATES.get(child.state, child.state) + f" ({child.state})"
             dump = Path(self.loader_dumps, f"{pid}.txt")
             text = dump.read_text() if dump.is_file() else ""
             if not text.strip():
@@ -315,16 +315,8 @@ def _end_process(status: int) -> None:
     os._exit(status)
 
 
-def _state(pid: int) -> str:
-    """A process's state as /proc says: 'stopped (T)', 'sleeping (S)', ..."""
-    names = {"R": "running", "S": "sleeping", "D": "in an uninterruptible wait", "T": "stopped", "t": "stopped",
-             "Z": "exited"}
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        code = stat[stat.rindex(")") + 2]
-        return f"{names.get(code, code)} ({code})"
-    except (OSError, ValueError, IndexError):
-        return "gone"
+# A loader worker's state as the report names it ('stopped (T)': a stopped process cannot dump its stacks).
+_STATES = {"R": "running", "S": "sleeping", "D": "in an uninterruptible wait", "T": "stopped", "t": "stopped"}
 
 
 def loader_worker_init(dump_dir: str, _worker_id: int) -> None:
